@@ -1,0 +1,1 @@
+"""What leaves the host: JSON-lines events (and, later, the Prometheus exporter)."""

@@ -1,0 +1,96 @@
+"""The probe catalog (probes/catalog.toml) as typed data.
+
+The catalog, not the code, says which QEMU function means which event; the BPF side
+only knows a handful of actions, mirrored here by number.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+
+# Numbers shared with `enum action` in probes/qtrace.bpf.c.
+ACTIONS = {
+    "mark": 0,
+    "reset": 1,
+    "hotplug": 2,
+    "migration_begin": 3,
+    "migration_end": 4,
+    "boot_done": 5,
+    "put": 6,
+}
+# Actions whose window closes at function return (uretprobe). Never for functions that
+# may run in a coroutine (qemu_loadvm_state): a uretprobe there can kill QEMU.
+RETURN_ACTIONS = {"reset", "hotplug", "boot_done", "put"}
+MAX_SLOTS = 32  # SLOT(0..31) in qtrace.bpf.c
+
+
+@dataclass(frozen=True)
+class Probe:
+    slot: int
+    event: str
+    functions: tuple[str, ...]
+    action: str
+    what: str = ""
+    arg1: str | None = None
+    arg2: str | None = None
+    needs_debuginfo: tuple[str, ...] = ()
+    inlined: tuple[str, ...] = ()
+    versions: str = ""
+
+    @property
+    def action_id(self) -> int:
+        return ACTIONS[self.action]
+
+    @property
+    def has_return(self) -> bool:
+        return self.action in RETURN_ACTIONS
+
+
+@dataclass(frozen=True)
+class Catalog:
+    probes: tuple[Probe, ...] = field(default_factory=tuple)
+
+    def by_slot(self, slot: int) -> Probe:
+        return self.probes[slot]
+
+    def by_event(self, event: str) -> Probe:
+        for p in self.probes:
+            if p.event == event:
+                return p
+        raise KeyError(event)
+
+
+def parse_catalog(text: str) -> Catalog:
+    data = tomllib.loads(text)
+    probes = []
+    for slot, raw in enumerate(data.get("probe", [])):
+        if raw["action"] not in ACTIONS:
+            raise ValueError(f"catalog: {raw['event']}: unknown action {raw['action']!r}")
+        probes.append(
+            Probe(
+                slot=slot,
+                event=raw["event"],
+                functions=tuple(raw["functions"]),
+                action=raw["action"],
+                what=raw.get("what", ""),
+                arg1=raw.get("arg1"),
+                arg2=raw.get("arg2"),
+                needs_debuginfo=tuple(raw.get("needs_debuginfo", ())),
+                inlined=tuple(raw.get("inlined", ())),
+                versions=raw.get("versions", ""),
+            )
+        )
+    if len(probes) > MAX_SLOTS:
+        raise ValueError(f"catalog: {len(probes)} probes, the BPF program has {MAX_SLOTS} slots")
+    return Catalog(tuple(probes))
+
+
+def load_catalog() -> Catalog:
+    text = resources.files("qtrace_bpf.probes").joinpath("catalog.toml").read_text()
+    return parse_catalog(text)
+
+
+def bpf_source() -> str:
+    return resources.files("qtrace_bpf.probes").joinpath("qtrace.bpf.c").read_text()

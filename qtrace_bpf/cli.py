@@ -1,0 +1,132 @@
+"""qprobe: the command line (click). User mistakes end in one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import QtraceError
+
+HOOK_CHOICE = click.Choice(["auto", "fentry", "kprobe", "tracepoint"])
+
+
+class _Group(click.Group):
+    """Turn QtraceError into `qprobe: error: ...` and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QtraceError as exc:
+            click.echo(f"qprobe: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qprobe")
+def main() -> None:
+    """Trace when and why QEMU writes vCPU state into KVM.
+
+    \b
+    Uprobes on QEMU's lifecycle functions (boot, reset, CPU hotplug, incoming
+    migration) attribute every KVM state-writing ioctl (KVM_SET_SREGS2,
+    KVM_SET_LAPIC, KVM_SET_MSRS, KVM_SET_TSC_KHZ, ...) to a vCPU and a phase.
+
+    \b
+    Start here:
+      qprobe doctor                 what this host supports
+      qprobe symbols --pid PID      what resolves in that QEMU
+      qprobe watch PID              live view of one VM (Ctrl-C ends, prints a summary)
+      qprobe watch PID --json       one JSON object per line
+      qprobe demo                   a throwaway VM, traced while hotplug and reset happen
+    """
+
+
+@main.command()
+@click.argument("pid", type=int)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line on stdout (last one: kind=summary); "
+                   "diagnostics on stderr.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="Stop after this many seconds (default: until Ctrl-C, "
+                                      "SIGTERM or the QEMU process exits).")
+@click.option("--hook", type=HOOK_CHOICE, default="auto", show_default=True,
+              help="Kernel hook on KVM ioctls; auto tries fentry, kprobe, then the "
+                   "syscalls:sys_enter_ioctl tracepoint.")
+@click.option("--debug-root", "debug_roots", multiple=True, metavar="DIR",
+              help="Where separate debug files live (repeatable; default /usr/lib/debug).")
+def watch(pid: int, as_json: bool, duration: float | None, hook: str,
+          debug_roots: tuple[str, ...]) -> None:
+    """Trace one QEMU process (PID) and print its vCPU state writes.
+
+    Each KVM state write shows its vCPU, its lifecycle phase (boot, reset with
+    its cause, hotplug, migration, runtime) and, where QEMU wrote them, the
+    decoded APIC base, TSC frequency and TSC MSRs, with whether they changed.
+    Ends at --duration, Ctrl-C, SIGTERM or when QEMU exits; all probes are
+    detached on every exit path.
+    """
+    from .watch import run_watch
+
+    roots = debug_roots or ("/usr/lib/debug",)
+    sys.exit(run_watch(pid, as_json=as_json, duration=duration,
+                       hook=None if hook == "auto" else hook, debug_roots=roots))
+
+
+@main.command()
+@click.argument("binary", required=False, type=click.Path(dir_okay=False))
+@click.option("--pid", type=int, default=None, help="Resolve the binary a running QEMU maps "
+                                                    "(works when it was replaced on disk).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--debug-root", "debug_roots", multiple=True, metavar="DIR",
+              help="Where separate debug files live (repeatable; default /usr/lib/debug).")
+def symbols(binary: str | None, pid: int | None, as_json: bool,
+            debug_roots: tuple[str, ...]) -> None:
+    """Show how each catalog event resolves in a QEMU BINARY (or --pid PID).
+
+    For each event: the function used, where the symbol came from (.symtab,
+    .dynsym, .gnu_debugdata, build-id or debuglink debug file), its address,
+    file offset, size, first instruction, inlining, and what is missing.
+    """
+    from .symbols_cmd import run_symbols
+
+    if (binary is None) == (pid is None):
+        raise click.UsageError("give either BINARY or --pid PID")
+    run_symbols(binary, pid, as_json, debug_roots or ("/usr/lib/debug",))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """What this host supports and which kernel hook qprobe will use."""
+    from .doctor import run_doctor
+
+    report = run_doctor()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from .doctor import render_doctor
+
+        click.echo(render_doctor(report))
+    sys.exit(0 if report["ready"] else 1)
+
+
+@main.command()
+@click.option("--duration", type=float, default=None, metavar="SECONDS",
+              help="Stop tracing after this long (default: when the demo's steps are done).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of the live view.")
+def demo(duration: float | None, as_json: bool) -> None:
+    """Start a throwaway QEMU/KVM VM and trace it live.
+
+    The VM starts paused in --preconfig, so its boot is traced in full; then
+    the demo creates the machine, runs it, hot-adds a vCPU, resets it over QMP
+    and quits it. Needs /dev/kvm and qemu-system-x86_64.
+    """
+    from .demo import run_demo
+
+    sys.exit(run_demo(duration=duration, as_json=as_json))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,162 @@
+"""A throwaway QEMU/KVM VM driven over QMP: the demo's subject and the tests' too."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .errors import QtraceError
+
+QEMU = "qemu-system-x86_64"
+
+
+class VM:
+    """qemu-system-x86_64 -accel kvm, q35, QMP on a unix socket in a private temp dir."""
+
+    def __init__(self, name: str = "qtrace-demo", *, smp: str = "1,maxcpus=4",
+                 preconfig: bool = False, paused: bool = True, cpu: str | None = None,
+                 extra: Sequence[str] = (), wrapper: Sequence[str] = (), memory: str = "128"):
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise QtraceError("/dev/kvm is missing or not accessible: KVM is needed")
+        exe = shutil.which(QEMU)
+        if exe is None:
+            raise QtraceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
+        self.name = name
+        self.dir = tempfile.mkdtemp(prefix="qtrace-vm-")
+        self.qmp_path = os.path.join(self.dir, "qmp.sock")
+        self.argv = [
+            *wrapper, exe, "-accel", "kvm", "-machine", "q35", "-m", memory, "-smp", smp,
+            "-nodefaults", "-display", "none", "-serial", "none", "-no-user-config",
+            "-name", f"guest={name},debug-threads=on",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        if cpu:
+            self.argv += ["-cpu", cpu]
+        if paused:
+            self.argv.append("-S")
+        if preconfig:
+            self.argv.append("--preconfig")
+        self.argv += list(extra)
+        self.log_path = os.path.join(self.dir, "qemu.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.events: list[dict] = []
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.qmp_path):
+            if self.proc.poll() is not None:
+                raise QtraceError(f"QEMU exited at start ({self.proc.returncode}): "
+                                  f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise QtraceError("QEMU did not open its QMP socket")
+            time.sleep(0.02)
+        self.qmp = QEMUMonitorProtocol(self.qmp_path)
+        self.qmp.connect(negotiate=True)
+
+    @property
+    def pid(self) -> int:
+        """The QEMU process (the last exec of the wrapper chain, e.g. under strace)."""
+        if not hasattr(self, "_qemu_pid"):
+            self._qemu_pid = _find_qemu_pid(self.proc.pid)
+        return self._qemu_pid
+
+    def log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-2000:].decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def cmd(self, name: str, **args: object) -> object:
+        assert self.qmp is not None
+        resp = self.qmp.cmd_obj({"execute": name, "arguments": args} if args
+                                else {"execute": name})
+        self.events.extend(self.qmp.get_events(wait=False))
+        if "error" in resp:
+            raise QtraceError(f"QMP {name}: {resp['error'].get('desc', resp['error'])}")
+        return resp.get("return")
+
+    def collect_events(self, wait: float = 0.0) -> list[dict]:
+        assert self.qmp is not None
+        deadline = time.monotonic() + wait
+        while True:
+            self.events.extend(self.qmp.get_events(wait=False))
+            if time.monotonic() >= deadline:
+                return self.events
+            time.sleep(0.05)
+
+    def hotplug_cpu(self) -> dict:
+        """device_add the first free hotpluggable CPU slot; returns its props."""
+        slots = self.cmd("query-hotpluggable-cpus")
+        free = [s for s in slots if "qom-path" not in s]  # type: ignore[union-attr]
+        if not free:
+            raise QtraceError("no free CPU slot (raise maxcpus)")
+        slot = free[-1]
+        props = dict(slot["props"])
+        self.cmd("device_add", driver=slot["type"], id=f"cpu-hot-{len(slots) - len(free)}",
+                 **props)
+        return props
+
+    def quit(self, timeout: float = 20.0) -> int:
+        try:
+            self.cmd("quit")
+        except Exception:  # noqa: BLE001 - QEMU may close the socket before answering
+            pass
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.qmp = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _find_qemu_pid(root: int, timeout: float = 10.0) -> int:
+    """The qemu-system process at or below `root` (a wrapper such as strace forks it)."""
+    from .targets import is_qemu_exe
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            try:
+                if is_qemu_exe(os.readlink(f"/proc/{pid}/exe")):
+                    return pid
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except OSError:
+                continue
+        time.sleep(0.02)
+    raise QtraceError(f"no QEMU process under pid {root}")

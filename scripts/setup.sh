@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian host (root): system packages that BCC,
+# the tests and the demo need, kernel headers visible to BCC, tracefs, and a venv.
+# Fast when already done: every step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+APT_PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 qemu-system-x86 python3-venv
+          bpftool strace gcc make binutils xz-utils elfutils prometheus iproute2)
+
+if [ "$(id -u)" != 0 ]; then say "must run as root (BPF, /dev/kvm, apt)"; exit 1; fi
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# BCC compiles against kernel headers; this kernel ships none. Link Debian's closest
+# headers (not an exact match: fine for uprobe/tracepoint programs, said out loud).
+kdir=/lib/modules/$(uname -r)
+if [ ! -e "$kdir/build/include/generated" ] || [ ! -e "$kdir/source/include/linux/kconfig.h" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1)
+  if [ -z "$hdr" ]; then say "no /usr/src/linux-headers-*-amd64 found"; exit 1; fi
+  common=${hdr%-amd64}-common   # Debian splits arch files (build) from the rest (source)
+  mkdir -p "$kdir"
+  ln -sfn "$hdr" "$kdir/build"
+  ln -sfn "$common" "$kdir/source"
+  say "kernel headers for $(uname -r) missing: linked $(basename "$hdr") (not an exact match; fine for uprobe/tracepoint programs)"
+fi
+
+if [ ! -e /sys/kernel/tracing/uprobe_events ]; then
+  mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+fi
+if [ ! -e /sys/kernel/debug/tracing ] && [ -d /sys/kernel/debug ]; then
+  mount -t debugfs nodev /sys/kernel/debug 2>/dev/null || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv (system site packages, for BCC)"
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -e "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  rm -f .venv/.installed-*; touch "$stamp"
+fi
