@@ -38,6 +38,7 @@ class Probe:
     needs_debuginfo: tuple[str, ...] = ()
     inlined: tuple[str, ...] = ()
     versions: str = ""
+    since: str = ""  # first QEMU version that has the function
 
     @property
     def action_id(self) -> int:
@@ -62,6 +63,23 @@ class Catalog:
         raise KeyError(event)
 
 
+def version_tuple(version: str | None) -> tuple[int, ...]:
+    """'7.2.22 (Debian 1:7.2+dfsg)' -> (7, 2, 22); () when unknown."""
+    head = (version or "").split(" ", 1)[0]
+    out = []
+    for part in head.split("."):
+        if not part.isdigit():
+            break
+        out.append(int(part))
+    return tuple(out)
+
+
+def absent_in(probe: Probe, version: str | None) -> bool:
+    """True when this QEMU predates the probe's function (catalog `since`)."""
+    have, since = version_tuple(version), version_tuple(probe.since)
+    return bool(have and since and have < since)
+
+
 def parse_catalog(text: str) -> Catalog:
     data = tomllib.loads(text)
     probes = []
@@ -80,6 +98,7 @@ def parse_catalog(text: str) -> Catalog:
                 needs_debuginfo=tuple(raw.get("needs_debuginfo", ())),
                 inlined=tuple(raw.get("inlined", ())),
                 versions=raw.get("versions", ""),
+                since=raw.get("since", ""),
             )
         )
     if len(probes) > MAX_SLOTS:

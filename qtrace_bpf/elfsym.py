@@ -185,6 +185,11 @@ def _debuglink(elf: ELFFile) -> tuple[str, int] | None:
     return data[:end].decode(errors="replace"), crc
 
 
+def _has_debug_info(elf: ELFFile) -> bool:
+    """Real DWARF (pyelftools' has_dwarf_info() also counts a bare .eh_frame)."""
+    return any(elf.get_section_by_name(n) is not None for n in (".debug_info", ".zdebug_info"))
+
+
 def _crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -222,7 +227,7 @@ class Binary:
             raise ElfError(f"{self.display}: malformed ELF: {exc}") from None
         self._tables: list[tuple[str, dict[str, list[tuple[str, int, int, str]]]]] | None = None
         self.problems: list[str] = []
-        self.dwarf_elf: ELFFile | None = self.elf if self.elf.has_dwarf_info() else None
+        self.dwarf_elf: ELFFile | None = self.elf if _has_debug_info(self.elf) else None
         self._extra_streams: list[io.BufferedIOBase] = []
 
     def close(self) -> None:
@@ -317,7 +322,7 @@ class Binary:
         if sep is not None:
             source, elf = sep
             tables.append((source, self._table(elf, ".symtab")))
-            if self.dwarf_elf is None and elf.has_dwarf_info():
+            if self.dwarf_elf is None and _has_debug_info(elf):
                 self.dwarf_elf = elf
         self._tables = tables
         return tables

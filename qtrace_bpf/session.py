@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import hooks
-from .catalog import Catalog, Probe, bpf_source
+from .catalog import Catalog, Probe, absent_in, bpf_source
 from .elfsym import Resolution, Symbol
 from .errors import QtraceError
 from .kvm_ioctls import STATE_WRITES
@@ -95,8 +95,42 @@ def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
                 notes.append(f"fallback for {probe.functions[0]} ({reasons[0]})")
             chosen = Attached(probe, sym, fn, notes=notes)
             break
+        if chosen is None and absent_in(probe, res.qemu_version):
+            reasons = [f"{probe.functions[0]}: not in QEMU {res.qemu_version} "
+                       f"(exists since {probe.since})"]
         out.append(chosen or Attached(probe, None, None, reason="; ".join(reasons)))
     return out
+
+
+class _CapturedStderr:
+    """libbcc prints load errors on fd 2; keep them for the refusal reason instead."""
+
+    def __enter__(self) -> _CapturedStderr:
+        import tempfile
+
+        self.text = ""
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+
+
+def _refusal(mode: str, failure: str, bcc_stderr: str) -> str:
+    lines = [ln.strip() for ln in bcc_stderr.splitlines() if ln.strip()]
+    kernel = next((ln for ln in lines if ln.startswith("bpf:")), "")
+    if "super-user" in failure and os.geteuid() == 0:
+        failure = "the kernel refused to load the program although we are root"
+    if "Failed to compile" in failure:
+        errors = [ln for ln in lines if "error:" in ln][:2]
+        return f"{mode} program does not compile here: {' / '.join(errors) or failure}"
+    return f"{failure}" + (f" ({kernel})" if kernel else "")
 
 
 class Session:
@@ -131,11 +165,16 @@ class Session:
             if not check.usable:
                 self.refusals[mode] = check.reason
                 continue
-            try:
-                self.bpf = self._compile_and_hook(text, mode)
-                self.hook_mode = mode
-            except Exception as exc:  # BCC raises plain Exception on load/attach failure
-                self.refusals[mode] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
+            with _CapturedStderr() as captured:
+                try:
+                    self.bpf = self._compile_and_hook(text, mode)
+                    self.hook_mode = mode
+                except Exception as exc:  # BCC raises plain Exception on load/attach failure
+                    failure = str(exc).strip().splitlines()[-1]
+                else:
+                    failure = ""
+            if failure:
+                self.refusals[mode] = _refusal(mode, failure, captured.text)
                 continue
             for refused, why in self.refusals.items():
                 self.log(f"kernel hook {refused}: refused: {why}")

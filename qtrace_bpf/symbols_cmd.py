@@ -1,0 +1,80 @@
+"""`qprobe symbols`: how each catalog event resolves in one QEMU binary, and what is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from . import elfsym, targets
+from .catalog import load_catalog
+from .errors import QtraceError
+from .session import plan_probes
+
+
+def symbols_report(binary: str | None, pid: int | None,
+                   debug_roots: tuple[str, ...]) -> dict:
+    catalog = load_catalog()
+    names = [fn for p in catalog.probes for fn in p.functions]
+    if pid is not None:
+        t = targets.open_target(pid)
+        path, display = t.exe_path, t.exe
+    else:
+        assert binary is not None
+        if not os.path.exists(binary):
+            raise QtraceError(f"{binary}: no such file")
+        path = display = binary
+    res = elfsym.resolve(path, names, debug_roots=debug_roots,
+                         display=display.removesuffix(" (deleted)"), inline_names=names)
+    events = []
+    for att in plan_probes(catalog, res):
+        row: dict = {"event": att.probe.event, "resolved": att.symbol is not None,
+                     "functions": list(att.probe.functions)}
+        if att.symbol is not None:
+            s = att.symbol
+            row.update(function=att.function, symbol=s.name, source=s.source,
+                       address=f"{s.vaddr:#x}", offset=f"{s.offset:#x}", size=s.size,
+                       binding=s.binding, first_insn=s.first_insn, emulated=s.emulated,
+                       notes=att.notes)
+        else:
+            row["missing"] = att.reason
+        fn = att.function or att.probe.functions[0]
+        if res.inlined.get(fn):
+            row["inlined"] = True
+            row["inlined_at"] = [f"{a:#x}" for a in res.inlined[fn]]
+        elif fn in att.probe.inlined:
+            row["inlined"] = True
+        else:
+            row["inlined"] = False if res.dwarf else None  # None: not verifiable
+        events.append(row)
+    return {
+        "binary": res.path, "deleted": display.endswith(" (deleted)"),
+        "build_id": res.build_id, "qemu_version": res.qemu_version, "elf_type": res.elf_type,
+        "sources": res.sources, "dwarf": res.dwarf, "notes": res.debug_hint, "events": events,
+    }
+
+
+def run_symbols(binary: str | None, pid: int | None, as_json: bool,
+                debug_roots: tuple[str, ...]) -> None:
+    report = symbols_report(binary, pid, debug_roots)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{report['binary']}{' (deleted)' if report['deleted'] else ''}: "
+               f"{report['elf_type']}, QEMU {report['qemu_version'] or '?'}, "
+               f"build-id {report['build_id'] or '-'}")
+    click.echo(f"symbol sources: {', '.join(report['sources']) or 'none'}"
+               f"{'; DWARF present' if report['dwarf'] else ''}")
+    if report["notes"]:
+        click.echo(f"notes: {report['notes']}")
+    for row in report["events"]:
+        if row["resolved"]:
+            inl = {True: " INLINED-SOMEWHERE", False: "", None: ""}[row["inlined"]]
+            click.echo(f"  ok       {row['event']:<16} {row['symbol']:<34} {row['source']:<14} "
+                       f"addr {row['address']} off {row['offset']} size {row['size']} "
+                       f"[{row['first_insn']}]{inl}")
+            for note in row["notes"]:
+                click.echo(f"           {'':<16} note: {note}")
+        else:
+            click.echo(f"  MISSING  {row['event']:<16} {row['missing']}")

@@ -1,0 +1,263 @@
+"""qprobe watch on real QEMU/KVM VMs, cross-checked against strace and QMP's own events."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections import Counter, defaultdict
+
+import pytest
+from conftest import Watcher, check_kvm, wait_no_leftovers
+from strace_count import count_state_writes
+
+from qtrace_bpf.vm import VM
+
+pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
+
+
+def writes(events: list[dict], **match: object) -> list[dict]:
+    return [e for e in events if e["kind"] == "state_write"
+            and all(e.get(k) == v for k, v in match.items())]
+
+
+def phases_of(events: list[dict], vcpu: int, ioctl: str) -> set[str]:
+    return {e["phase"] for e in writes(events, vcpu=vcpu, event=ioctl)}
+
+
+def qmp_resets(vm: VM) -> Counter:
+    return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory):
+    """One VM's whole life, traced by qprobe and, independently, by strace."""
+    check_kvm()
+    tmp = tmp_path_factory.mktemp("strace")
+    trace = str(tmp / "strace.out")
+    vm = VM("lifecycle-e2e", preconfig=True, smp="1,maxcpus=4")
+    try:
+        watcher = Watcher(vm.pid)
+        strace = subprocess.Popen(["strace", "-f", "-y", "-X", "raw", "-e", "trace=ioctl",
+                                   "-o", trace, "-p", str(vm.pid)],
+                                  stderr=subprocess.PIPE, text=True)
+        # strace says "Process N attached with M threads" once it has seized them all.
+        assert strace.stderr is not None
+        line = strace.stderr.readline()
+        assert "attached" in line, f"strace did not attach: {line!r}"
+        vm.cmd("x-exit-preconfig")
+        vm.cmd("cont")
+        time.sleep(0.5)
+        vm.hotplug_cpu()
+        time.sleep(0.5)
+        vm.cmd("system_reset")
+        time.sleep(1.5)  # SeaBIOS answers with its own hard reboot (guest-reset)
+        resets = qmp_resets(vm)
+        vm.quit()
+        strace.wait(30)
+        rc, events = watcher.wait()
+        yield {"rc": rc, "events": events[:-1], "summary": events[-1], "resets": resets,
+               "strace": count_state_writes(trace), "watcher": watcher}
+    finally:
+        vm.close()
+
+
+def test_exit_and_summary(lifecycle_run):
+    assert lifecycle_run["rc"] == 0, lifecycle_run["watcher"].stderr
+    s = lifecycle_run["summary"]
+    assert s["kind"] == "summary" and s["stopped_by"] == "target exit"
+    assert s["kernel_hook"] in ("fentry", "kprobe", "tracepoint")
+    assert s["events_lost"] == 0
+
+
+def test_json_contract_fields(lifecycle_run):
+    for ev in lifecycle_run["events"]:
+        for key in ("ts", "vm", "pid", "tid", "vcpu", "kind", "event", "phase"):
+            assert key in ev, (key, ev)
+        assert ev["vm"] == "lifecycle-e2e"
+        assert ev["kind"] in ("lifecycle", "state_write")
+        assert ev["phase"] in ("boot", "reset", "hotplug", "migration", "runtime")
+
+
+def test_counts_equal_strace(lifecycle_run):
+    """Every successful state write QEMU made, per vCPU and ioctl, equals strace's count."""
+    ours: Counter = Counter()
+    for row in lifecycle_run["summary"]["writes"]:
+        ours[(row["vcpu"], row["ioctl"])] += row["count"]
+    assert lifecycle_run["strace"], "strace saw nothing"
+    assert ours == lifecycle_run["strace"]
+    # and the event stream carries the same writes as the in-kernel counters
+    stream = Counter((e["vcpu"], e["event"]) for e in writes(lifecycle_run["events"])
+                     if not e.get("error"))
+    assert stream == ours
+
+
+def test_boot_phase_in_full(lifecycle_run):
+    ev = lifecycle_run["events"]
+    for ioctl in ("KVM_CREATE_VCPU", "KVM_SET_CPUID2", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ",
+                  "KVM_SET_LAPIC"):
+        assert "boot" in phases_of(ev, 0, ioctl), ioctl
+    boot_reset = [e for e in ev if e["kind"] == "lifecycle" and e["event"] == "system_reset"
+                  and e["phase"] == "boot"]
+    assert [e["cause"] for e in boot_reset] == ["none"]
+
+
+def test_hotplug_phase(lifecycle_run):
+    ev = lifecycle_run["events"]
+    for ioctl in ("KVM_CREATE_VCPU", "KVM_SET_LAPIC", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ"):
+        assert phases_of(ev, 1, ioctl) >= {"hotplug"}, ioctl
+    assert not [e for e in writes(ev, vcpu=0) if e["phase"] == "hotplug"]
+
+
+def test_reset_phase_and_cause(lifecycle_run):
+    ev = lifecycle_run["events"]
+    for vcpu in (0, 1):
+        causes = {e.get("cause") for e in writes(ev, vcpu=vcpu, event="KVM_SET_LAPIC")
+                  if e["phase"] == "reset"}
+        assert "host-qmp-system-reset" in causes, vcpu
+
+
+def test_reset_counts_equal_qmp(lifecycle_run):
+    assert lifecycle_run["resets"]["host-qmp-system-reset"] == 1
+    assert lifecycle_run["summary"]["resets"] == dict(lifecycle_run["resets"])
+
+
+def test_apic_base_after_reset(lifecycle_run):
+    ev = lifecycle_run["events"]
+    for vcpu, expected in ((0, "0xfee00900"), (1, "0xfee00800")):
+        sregs = [e for e in writes(ev, vcpu=vcpu, event="KVM_SET_SREGS2")
+                 if e["phase"] == "reset"]
+        assert sregs and {e["apic_base"] for e in sregs} == {expected}, (vcpu, sregs)
+        assert all(e["apic_base_changed"] is False for e in sregs)
+    msrs = [e for e in writes(ev, vcpu=1, event="KVM_SET_MSRS") if "apic_base" in e]
+    assert msrs and msrs[0]["apic_base"] == "0xfee00800"
+
+
+def test_per_vcpu_phase_matrix(lifecycle_run):
+    """The facts table's writes, by vCPU and phase, for this exact sequence."""
+    seen = defaultdict(set)
+    for e in writes(lifecycle_run["events"]):
+        if e["event"] in ("KVM_SET_LAPIC", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ", "KVM_CREATE_VCPU"):
+            seen[(e["vcpu"], e["phase"])].add(e["event"])
+    assert seen[(0, "boot")] == {"KVM_CREATE_VCPU", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ",
+                                 "KVM_SET_LAPIC"}
+    assert seen[(1, "hotplug")] == {"KVM_CREATE_VCPU", "KVM_SET_LAPIC", "KVM_SET_SREGS2",
+                                    "KVM_SET_TSC_KHZ"}
+    assert seen[(0, "reset")] == {"KVM_SET_LAPIC", "KVM_SET_SREGS2"}
+    assert seen[(1, "reset")] == {"KVM_SET_LAPIC", "KVM_SET_SREGS2"}
+
+
+def test_nothing_left_after_target_exit(lifecycle_run):
+    assert wait_no_leftovers() == []
+
+
+def _host_tsc_khz() -> int:
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        vm = fcntl.ioctl(kvm, 0xAE01, 0)
+        vcpu = fcntl.ioctl(vm, 0xAE41, 0)
+        khz = fcntl.ioctl(vcpu, 0xAEA3, 0)  # KVM_GET_TSC_KHZ
+        os.close(vcpu)
+        os.close(vm)
+        return khz
+    finally:
+        os.close(kvm)
+
+
+def test_tsc_frequency_decoded(kvm_caps):
+    """With -cpu ...,tsc-frequency=F QEMU sets it at vCPU init too; both decode to F."""
+    khz = _host_tsc_khz()  # no TSC scaling in nested KVM: ask for what the host has
+    with VM("tsc", preconfig=True, cpu=f"qemu64,tsc-frequency={khz * 1000}") as vm:
+        w = Watcher(vm.pid)
+        vm.cmd("x-exit-preconfig")
+        time.sleep(0.3)
+        vm.quit()
+        rc, events = w.wait()
+    assert rc == 0, w.stderr
+    tsc = writes(events, vcpu=0, event="KVM_SET_TSC_KHZ")
+    # kvm_arch_init_vcpu (explicit frequency) + the level-3 put at post_init
+    assert [e["tsc_khz"] for e in tsc] == [khz, khz]
+    assert [e["tsc_khz_changed"] for e in tsc] == [None, False]
+    assert all(e["phase"] == "boot" for e in tsc)
+
+
+def test_guest_initiated_reset(kvm_caps):
+    """SeaBIOS with nothing to boot reboots itself: cause guest-reset, as QMP says."""
+    with VM("rebooter", extra=["-boot", "reboot-timeout=500"]) as vm:
+        w = Watcher(vm.pid)
+        vm.cmd("cont")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and qmp_resets(vm)["guest-reset"] < 2:
+            time.sleep(0.2)
+        vm.cmd("stop")
+        time.sleep(0.2)
+        resets = qmp_resets(vm)
+        vm.quit()
+        rc, events = w.wait()
+    assert rc == 0, w.stderr
+    assert resets["guest-reset"] >= 2
+    assert events[-1]["resets"] == dict(resets)
+    guest = [e for e in writes(events[:-1], event="KVM_SET_LAPIC") if e["phase"] == "reset"]
+    assert guest and {e["cause"] for e in guest} == {"guest-reset"}
+    assert {e["apic_base"] for e in writes(events[:-1], event="KVM_SET_SREGS2")
+            if e["phase"] == "reset"} == {"0xfee00900"}
+
+
+def test_incoming_migration_phase(kvm_caps, tmp_path):
+    """Writes while loading an incoming stream are phase migration; QEMU survives it."""
+    state = tmp_path / "vm.state"
+    with VM("mig-src") as src:
+        src.cmd("cont")
+        time.sleep(0.5)
+        src.cmd("stop")
+        src.cmd("migrate", uri=f"exec:cat > {state}")
+        deadline = time.monotonic() + 30
+        while src.cmd("query-migrate").get("status") != "completed":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "migration to file did not complete"
+            time.sleep(0.1)
+        src.quit()
+    assert state.stat().st_size > 0
+    with VM("mig-dst", extra=["-incoming", "defer"]) as dst:
+        w = Watcher(dst.pid)
+        dst.cmd("migrate-incoming", uri=f"exec:cat {state}")
+        deadline = time.monotonic() + 30
+        while dst.cmd("query-migrate").get("status") != "completed":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "incoming migration did not complete"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        dst.cmd("system_reset")  # after the migration window: phase reset again
+        time.sleep(0.3)
+        assert dst.proc.poll() is None, "QEMU died during incoming migration"
+        dst.quit()
+        rc, events = w.wait()
+    assert rc == 0, w.stderr
+    ev = events[:-1]
+    assert [e["event"] for e in ev if e["kind"] == "lifecycle"][:1] == ["migration_load"]
+    mig = writes(ev, vcpu=0)
+    assert {"KVM_SET_LAPIC", "KVM_SET_SREGS2"} <= {e["event"] for e in mig
+                                                    if e["phase"] == "migration"}
+    assert "migration_done" in {e["event"] for e in ev if e["kind"] == "lifecycle"}
+    after = [e for e in writes(ev, vcpu=0, event="KVM_SET_LAPIC") if e["phase"] == "reset"]
+    assert after and after[0]["cause"] == "host-qmp-system-reset"
+
+
+@pytest.mark.parametrize("how", ["duration", "SIGINT", "SIGTERM", "target exit"])
+def test_every_exit_path_detaches(kvm_caps, how):
+    with VM(f"exit-{how.replace(' ', '-')}") as vm:
+        args = ("--duration", "1.5") if how == "duration" else ()
+        w = Watcher(vm.pid, *args)
+        vm.cmd("cont")
+        if how == "SIGINT":
+            w.proc.send_signal(signal.SIGINT)
+        elif how == "SIGTERM":
+            w.proc.send_signal(signal.SIGTERM)
+        elif how == "target exit":
+            vm.quit()
+        rc, events = w.wait(30)
+    assert rc == 0, w.stderr
+    assert events and events[-1]["kind"] == "summary"
+    assert events[-1]["stopped_by"] == how
+    assert "Traceback" not in w.stderr
+    assert wait_no_leftovers() == []
