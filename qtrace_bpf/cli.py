@@ -75,7 +75,7 @@ def watch(pid: int, as_json: bool, duration: float | None, hook: str,
 
 
 @main.command()
-@click.argument("binary", required=False, type=click.Path(dir_okay=False))
+@click.argument("binary", required=False, type=click.Path(dir_okay=False, readable=False))
 @click.option("--pid", type=int, default=None, help="Resolve the binary a running QEMU maps "
                                                     "(works when it was replaced on disk).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -129,4 +129,4 @@ def demo(duration: float | None, as_json: bool) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="qprobe")

@@ -186,7 +186,7 @@ class Session:
     def _compile_and_hook(self, text: str, mode: str):
         BPF = self.bcc.BPF
         cflags = [f"-DQTRACE_HOOK_{mode.upper()}", "-Wno-unused-function"]
-        b = BPF(text=text, cflags=cflags)  # fentry: KFUNC_PROBEs auto-attach here
+        b = BPF(text=text.encode(), cflags=cflags)  # fentry: KFUNC_PROBEs auto-attach here
         try:
             if mode == "kprobe":
                 for fn in hooks.KVM_FUNCS:

@@ -22,8 +22,12 @@ def symbols_report(binary: str | None, pid: int | None,
         path, display = t.exe_path, t.exe
     else:
         assert binary is not None
-        if not os.path.exists(binary):
-            raise QtraceError(f"{binary}: no such file")
+        try:
+            os.stat(binary)
+        except FileNotFoundError:
+            raise QtraceError(f"{binary}: no such file") from None
+        except PermissionError:
+            raise QtraceError(f"{binary}: permission denied") from None
         path = display = binary
     res = elfsym.resolve(path, names, debug_roots=debug_roots,
                          display=display.removesuffix(" (deleted)"), inline_names=names)

@@ -1,0 +1,144 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing attached."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import pytest
+from conftest import QPROBE, ROOT, require, wait_no_leftovers
+
+from qtrace_bpf.vm import VM
+
+
+def qprobe(*args: str, prefix: list[str] | None = None, timeout: float = 120,
+           python: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [*(prefix or []), *(python or QPROBE), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode != 0, r
+    assert "Traceback" not in r.stderr, r.stderr
+    assert needle in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("qprobe: error:")]
+    assert len(lines) == 1, r.stderr
+    assert r.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def paused_vm():
+    from conftest import check_kvm
+
+    check_kvm()
+    with VM("errors-target") as vm:
+        yield vm
+
+
+def test_pid_absent():
+    assert_clean_error(qprobe("watch", "999999999"), "no such process")
+
+
+def test_pid_not_qemu():
+    with subprocess.Popen(["sleep", "30"]) as p:
+        try:
+            assert_clean_error(qprobe("watch", str(p.pid)), "not a QEMU process")
+        finally:
+            p.kill()
+
+
+def test_pid_not_a_number():
+    r = qprobe("watch", "vm1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is not a valid integer" in r.stderr
+
+
+def test_bad_duration():
+    r = qprobe("watch", "1", "--duration", "-3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_no_permission(paused_vm):
+    setpriv = shutil.which("setpriv")
+    require("setpriv", setpriv is not None, "apt-get install util-linux")
+    r = qprobe("watch", str(paused_vm.pid),
+               prefix=[setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"])
+    assert_clean_error(r, "permission denied")
+    assert wait_no_leftovers() == []
+
+
+def test_bcc_missing(paused_vm):
+    """The same interpreter with Debian's dist-packages (where BCC lives) taken away."""
+    venv_site = sysconfig.get_paths()["purelib"]
+    code = ("import sys; sys.path = [p for p in sys.path if 'dist-packages' not in p]; "
+            f"sys.path.insert(0, {venv_site!r}); sys.path.insert(0, {str(ROOT)!r}); "
+            "from qtrace_bpf.cli import main; main(prog_name='qprobe')")
+    r = qprobe("watch", str(paused_vm.pid), python=[sys.executable, "-c", code])
+    assert_clean_error(r, "BCC is not installed")
+    assert "python3-bpfcc" in r.stderr
+    assert wait_no_leftovers() == []
+
+
+def _in_mount_ns(script: str) -> list[str]:
+    unshare = shutil.which("unshare")
+    require("unshare", unshare is not None, "apt-get install util-linux")
+    require("root", os.geteuid() == 0, "run as root")
+    return [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
+def test_kernel_headers_missing(paused_vm):
+    mods = f"/lib/modules/{os.uname().release}"
+    prefix = _in_mount_ns(f"mount -t tmpfs none {mods} && exec \"$@\"")
+    r = qprobe("watch", str(paused_vm.pid), prefix=prefix)
+    assert_clean_error(r, "kernel headers missing")
+    assert wait_no_leftovers() == []
+
+
+def test_no_usable_kernel_hook(paused_vm):
+    """Without tracefs (and with kprobes/fentry unavailable) nothing can hook KVM ioctls."""
+    prefix = _in_mount_ns("mount -t tmpfs none /sys/kernel/tracing && "
+                          "(mount -t tmpfs none /sys/kernel/debug 2>/dev/null || true) && "
+                          "exec \"$@\"")
+    r = qprobe("watch", str(paused_vm.pid), "--hook", "tracepoint", prefix=prefix)
+    if r.returncode == 0:  # a host where fentry or kprobe works: nothing to prove here
+        pytest.skip("this kernel has a working fentry/kprobe hook")
+    assert_clean_error(r, "no usable kernel hook")
+    for mode in ("fentry", "kprobe", "tracepoint"):
+        assert f"{mode}:" in r.stderr
+    assert wait_no_leftovers() == []
+
+
+def test_symbols_non_elf(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello\n")
+    assert_clean_error(qprobe("symbols", str(f)), "not an ELF file")
+
+
+def test_symbols_missing_file(tmp_path):
+    assert_clean_error(qprobe("symbols", str(tmp_path / "nope")), "no such file")
+
+
+def test_symbols_unreadable():
+    setpriv = shutil.which("setpriv")
+    require("setpriv", setpriv is not None, "apt-get install util-linux")
+    d = tempfile.mkdtemp(prefix="qtrace-unreadable-")
+    try:
+        os.chmod(d, 0o755)
+        f = os.path.join(d, "qemu")
+        shutil.copy("/bin/true", f)
+        os.chmod(f, 0)
+        nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        assert_clean_error(qprobe("symbols", f, prefix=nobody), "cannot read: Permission denied")
+        os.chmod(d, 0o700)
+        assert_clean_error(qprobe("symbols", f, prefix=nobody), "permission denied")
+    finally:
+        shutil.rmtree(d)
+
+
+def test_symbols_needs_one_target():
+    r = qprobe("symbols")
+    assert r.returncode == 2 and "give either BINARY or --pid PID" in r.stderr

@@ -1,0 +1,62 @@
+"""The kernel hook chain: every variant compiles; the chosen one is the first that works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import QPROBE, ROOT
+
+from qtrace_bpf import hooks
+from qtrace_bpf.catalog import bpf_source
+
+
+@pytest.mark.parametrize("mode", hooks.MODES)
+def test_variant_compiles(bpf_caps, mode):
+    """fentry and kprobe must exist and compile even where this kernel refuses them."""
+    from bcc import BPF
+
+    try:
+        b = BPF(text=bpf_source().encode(), cflags=[f"-DQTRACE_HOOK_{mode.upper()}",
+                                            "-Wno-unused-function"])
+    except Exception as exc:  # noqa: BLE001 - BCC raises plain Exception
+        # fentry programs auto-attach at construction: a refusal there is not a compile error
+        assert "Failed to compile" not in str(exc), exc
+        assert mode == "fentry", exc
+        return
+    b.cleanup()
+
+
+def test_doctor_reports_the_chain(bpf_caps):
+    r = subprocess.run([*QPROBE, "doctor", "--json"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    chosen = report["kernel_hook"]
+    assert chosen in hooks.MODES
+    for mode in hooks.MODES[: hooks.MODES.index(chosen)]:
+        assert report["kernel_hooks"][mode]["usable"] is False
+        assert report["kernel_hooks"][mode]["reason"]
+    assert report["kernel_hooks"][chosen]["usable"] is True
+    text = subprocess.run([*QPROBE, "doctor"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120).stdout
+    assert f"will use: {chosen}" in text
+
+
+def test_doctor_on_this_machine(bpf_caps):
+    """Here kprobes are compiled out and fentry is refused: doctor must say so and why."""
+    if hooks.precheck("kprobe").usable:
+        pytest.skip("this kernel has kprobes")
+    r = subprocess.run([*QPROBE, "doctor", "--json"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    report = json.loads(r.stdout)
+    assert "kprobe" in report["kernel_hooks"]["kprobe"]["reason"]
+    assert report["kernel_hook"] in ("fentry", "tracepoint")
+
+
+def test_order():
+    assert hooks.order(None) == ["fentry", "kprobe", "tracepoint"]
+    assert hooks.order("tracepoint") == ["tracepoint", "fentry", "kprobe"]
+    with pytest.raises(ValueError):
+        hooks.order("raw_sys_enter")
