@@ -209,6 +209,23 @@ def _classify(code: bytes) -> tuple[str, bool | None]:
     return prefix + (rest[:4].hex() or "?"), None
 
 
+def _instance_address(dwarf, cu, die) -> int | None:
+    """Where an inlined instance starts: entry_pc, low_pc, or its first range."""
+    for attr in ("DW_AT_entry_pc", "DW_AT_low_pc"):
+        val = die.attributes.get(attr)
+        if val is not None and val.form in ("DW_FORM_addr", "DW_FORM_addrx", "DW_FORM_addrx1",
+                                            "DW_FORM_addrx2", "DW_FORM_addrx4"):
+            return int(val.value)
+    if "DW_AT_ranges" in die.attributes:
+        rl = dwarf.range_lists()
+        if rl is not None:
+            for entry in rl.get_range_list_at_offset(die.attributes["DW_AT_ranges"].value, cu=cu):
+                begin = getattr(entry, "begin_offset", None)
+                if begin is not None:
+                    return int(begin)
+    return None
+
+
 class Binary:
     """One ELF binary opened once; symbol tables loaded lazily, source by source."""
 
@@ -383,28 +400,32 @@ class Binary:
                     name = attr.value.decode(errors="replace")
                     if name not in wanted:
                         continue
-                    low = die.attributes.get("DW_AT_low_pc")
-                    if low is not None:
-                        found.setdefault(name, []).append(low.value)
-                    elif "DW_AT_ranges" in die.attributes:
-                        rl = dwarf.range_lists()
-                        if rl is not None:
-                            at = die.attributes["DW_AT_ranges"].value
-                            ranges = rl.get_range_list_at_offset(at)
-                            base = cu.get_top_DIE().attributes.get("DW_AT_low_pc")
-                            for r in ranges[:1]:
-                                begin = getattr(r, "begin_offset", None)
-                                if begin is not None:
-                                    found.setdefault(name, []).append(
-                                        begin + (base.value if base else 0))
-        except (_PyElfError, ValueError, KeyError, AttributeError, struct.error) as exc:
-            self.problems.append(f"DWARF: unreadable ({exc})")
+                    addr = _instance_address(dwarf, cu, die)
+                    found.setdefault(name, [])
+                    if addr is not None:
+                        found[name].append(addr)
+        except Exception as exc:  # noqa: BLE001 - pyelftools asserts on malformed DWARF
+            self.problems.append(f"DWARF: unreadable ({type(exc).__name__}: {exc})")
         return found
 
 
 def resolve(path: str, names: Iterable[str], *, debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
             display: str | None = None, inline_names: Iterable[str] = ()) -> Resolution:
-    """Resolve `names` in the binary at `path` (raises ElfError for an unusable binary)."""
+    """Resolve `names` in the binary at `path` (raises ElfError for an unusable binary).
+
+    pyelftools reports malformed input with many exception types (even assertions);
+    callers (watch, the daemon) get exactly one.
+    """
+    try:
+        return _resolve(path, names, debug_roots, display, inline_names)
+    except ElfError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the resolver's error boundary
+        raise ElfError(f"{display or path}: malformed ELF: {type(exc).__name__}: {exc}") from None
+
+
+def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], display: str | None,
+             inline_names: Iterable[str]) -> Resolution:
     with Binary(path, debug_roots, display) as binary:
         res = Resolution(binary.display, binary.build_id, binary.qemu_version(),
                          binary.elf_type)
@@ -435,20 +456,24 @@ def resolve(path: str, names: Iterable[str], *, debug_roots: Iterable[str] = DEF
 _CACHE: dict[tuple[str | None, tuple[str, ...], tuple[str, ...]], Resolution] = {}
 
 
-def resolve_cached(path: str, names: Iterable[str], *, build_id: str | None = None,
+def resolve_cached(path: str, names: Iterable[str], *,
                    debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
                    display: str | None = None, inline_names: Iterable[str] = ()) -> Resolution:
-    """Like resolve(), once per build-id: 100 VMs of one binary resolve once."""
+    """Like resolve(), once per build-id: 100 VMs of one binary resolve once.
+
+    Reading the build-id note is cheap; the symbol tables and DWARF are not.
+    """
+    build_id = read_build_id(path, display)
     key = (build_id, tuple(names), tuple(debug_roots))
     if build_id and key in _CACHE:
         return _CACHE[key]
     res = resolve(path, key[1], debug_roots=debug_roots, display=display,
                   inline_names=inline_names)
-    if res.build_id:
-        _CACHE[(res.build_id, key[1], key[2])] = res
+    if build_id:
+        _CACHE[key] = res
     return res
 
 
-def read_build_id(path: str) -> str | None:
-    with Binary(path) as b:
+def read_build_id(path: str, display: str | None = None) -> str | None:
+    with Binary(path, display=display) as b:
         return b.build_id

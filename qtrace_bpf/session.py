@@ -102,6 +102,24 @@ def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
     return out
 
 
+def attach_uprobe_at(bpf, path: str, offset: int, fn_name: str, retprobe: bool = False) -> None:
+    """Attach at a file offset we resolved (BCC's attach_uprobe would re-resolve a vaddr).
+
+    Registered on the BCC object like its own attaches, so bpf.cleanup() detaches it.
+    """
+    import bcc  # type: ignore[import-not-found]
+
+    fn = bpf.load_func(fn_name.encode(), bcc.BPF.KPROBE)
+    tag = re.sub(r"[^A-Za-z0-9_]", "_", path)[-40:]
+    ev_name = f"{'r' if retprobe else 'p'}_qtrace_{os.getpid()}{tag}_0x{offset:x}".encode()
+    fd = bcc.libbcc.lib.bpf_attach_uprobe(fn.fd, 1 if retprobe else 0, ev_name, path.encode(),
+                                          offset, -1)
+    if fd < 0:
+        raise QtraceError(f"failed to attach {'uretprobe' if retprobe else 'uprobe'} at "
+                          f"{path}+{offset:#x}: {os.strerror(ct.get_errno() or 1)}")
+    bpf._add_uprobe_fd(ev_name, fd)
+
+
 class _CapturedStderr:
     """libbcc prints load errors on fd 2; keep them for the refusal reason instead."""
 
@@ -222,17 +240,7 @@ class Session:
     # -- uprobes -------------------------------------------------------------------
 
     def _attach_uprobe(self, path: str, offset: int, fn_name: str, retprobe: bool) -> None:
-        """Attach at a file offset we resolved (BCC's own resolver would redo it)."""
-        b = self.bpf
-        fn = b.load_func(fn_name.encode(), self.bcc.BPF.KPROBE)
-        tag = re.sub(r"[^A-Za-z0-9_]", "_", path)[-40:]
-        ev_name = f"{'r' if retprobe else 'p'}_qtrace_{os.getpid()}{tag}_0x{offset:x}".encode()
-        fd = self.bcc.libbcc.lib.bpf_attach_uprobe(
-            fn.fd, 1 if retprobe else 0, ev_name, path.encode(), offset, -1)
-        if fd < 0:
-            raise QtraceError(f"failed to attach {'uretprobe' if retprobe else 'uprobe'} at "
-                              f"{path}+{offset:#x}: {os.strerror(ct.get_errno() or 1)}")
-        b._add_uprobe_fd(ev_name, fd)
+        attach_uprobe_at(self.bpf, path, offset, fn_name, retprobe)
 
     def add_binary(self, key: str, path: str, res: Resolution) -> BinaryPlan:
         """Attach the catalog to one QEMU binary, once, for all its pids."""

@@ -1,0 +1,283 @@
+"""Symbol resolution on gcc-built fixtures, Debian's QEMU, and malformed input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import QPROBE, ROOT
+from elf_fixtures import (
+    build_all,
+    load_segments,
+    nm_address,
+    readelf_offset,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qtrace_bpf import elfsym
+from qtrace_bpf.errors import ElfError
+
+COUNTER_BPF = b"""
+BPF_ARRAY(hits, u64, 1);
+int count_hit(struct pt_regs *ctx) {
+    int k = 0;
+    u64 *v = hits.lookup(&k);
+    if (v) __sync_fetch_and_add(v, 1);
+    return 0;
+}
+"""
+EXPECTED_SOURCE = {
+    "pie": ".symtab", "nopie": ".symtab", "static": ".symtab",
+    "minidebuginfo": ".gnu_debugdata", "debuglink": "debuglink:", "buildid": "build-id:",
+}
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        from conftest import require
+
+        require("gcc", False, "apt-get install gcc")
+    return build_all(gcc, tmp_path_factory.mktemp("elf"))
+
+
+def resolve(fx, *names: str, path: str | None = None, display: str | None = None):
+    roots = (str(fx.debug_root),) if fx.debug_root else ("/nonexistent-debug-root",)
+    return elfsym.resolve(path or str(fx.path), names, debug_roots=roots, display=display,
+                          inline_names=names)
+
+
+def count_hits(path: str, offset: int, run_it) -> int:
+    """Attach a counting uprobe at (path, offset), run the fixture, return the hit count."""
+    from bcc import BPF
+
+    from qtrace_bpf.session import attach_uprobe_at
+
+    b = BPF(text=COUNTER_BPF)
+    try:
+        attach_uprobe_at(b, path, offset, "count_hit")
+        run_it()
+        return int(b[b"hits"][0].value)
+    finally:
+        b.cleanup()
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_SOURCE))
+def test_offset_matches_readelf_and_source(fixtures, kind):
+    fx = fixtures[kind]
+    res = resolve(fx, "lifecycle_step", "exported_step")
+    [vaddr] = nm_address(fx.full, "lifecycle_step")
+    sym = res.best("lifecycle_step")
+    assert sym is not None, res.missing
+    assert sym.vaddr == vaddr
+    assert sym.offset == readelf_offset(fx.full, vaddr)
+    assert sym.source.startswith(EXPECTED_SOURCE[kind]), sym.source
+    assert res.found["exported_step"][0].vaddr == nm_address(fx.full, "exported_step")[0]
+
+
+def test_nopie_layout_has_vaddr_not_offset(fixtures):
+    """The non-PIE fixture is the p_vaddr != p_offset layout; the offset accounts for it."""
+    segs = load_segments(fixtures["nopie"].full)
+    assert any(off != va for off, va in segs)
+    sym = resolve(fixtures["nopie"], "lifecycle_step").best("lifecycle_step")
+    assert sym is not None and sym.offset != sym.vaddr
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_SOURCE))
+def test_uprobe_at_resolved_offset_fires(bpf_caps, fixtures, kind):
+    fx = fixtures[kind]
+    sym = resolve(fx, "lifecycle_step").best("lifecycle_step")
+    assert sym is not None
+    hits = count_hits(str(fx.path), sym.offset,
+                      lambda: subprocess.run([str(fx.path), "7"], check=True,
+                                             capture_output=True))
+    # main calls it 7 times, exported_step 7 more
+    assert hits == 14
+
+
+def test_bare_stripped_reports_missing_with_hint(fixtures):
+    res = resolve(fixtures["bare"], "lifecycle_step")
+    assert res.found == {}
+    reason = res.missing["lifecycle_step"].reason
+    assert "install the debug symbols for build-id" in reason
+    assert res.build_id and res.build_id in reason
+
+
+def test_mismatched_build_id_rejected(fixtures):
+    res = resolve(fixtures["wrong-buildid"], "lifecycle_step")
+    assert "lifecycle_step" not in res.found
+    assert "does not match" in res.debug_hint
+
+
+def test_dangling_debuglink(fixtures, tmp_path):
+    lonely = tmp_path / "app"
+    shutil.copy(fixtures["debuglink"].path, lonely)
+    res = elfsym.resolve(str(lonely), ["lifecycle_step"], debug_roots=(str(tmp_path / "x"),))
+    assert "lifecycle_step" in res.missing
+    assert "not found" in res.debug_hint
+
+
+def test_debuglink_crc_checked(fixtures, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    shutil.copy(fixtures["debuglink"].path, d / "app")
+    dbg = (fixtures["debuglink"].path.parent / "app.debug").read_bytes()
+    (d / "app.debug").write_bytes(dbg[:-1] + bytes([dbg[-1] ^ 0xFF]))
+    res = elfsym.resolve(str(d / "app"), ["lifecycle_step"], debug_roots=(str(tmp_path / "x"),))
+    assert "lifecycle_step" in res.missing
+    assert "CRC mismatch" in res.debug_hint
+
+
+def test_duplicate_static_names_are_not_chosen_silently(fixtures):
+    res = resolve(fixtures["pie"], "dup")
+    assert len(res.found["dup"]) == 2
+    assert res.best("dup") is None
+
+
+def test_inlined_function_reported(fixtures):
+    res = resolve(fixtures["pie"], "inlined_step", "lifecycle_step")
+    assert "inlined_step" in res.missing  # no out-of-line copy to probe
+    assert res.inlined.get("inlined_step"), "DWARF inlined instances not found"
+    assert not res.inlined.get("lifecycle_step")
+    assert res.dwarf
+
+
+def test_no_dwarf_says_not_verifiable(fixtures):
+    res = resolve(fixtures["minidebuginfo"], "lifecycle_step")
+    assert not res.dwarf
+    assert "inlining not verifiable" in res.debug_hint
+
+
+def test_binary_replaced_on_disk_still_traced(bpf_caps, fixtures, tmp_path):
+    """A package upgrade unlinks the binary under a running process: resolve and trace via
+    /proc/PID/exe, which names the mapped (deleted) inode, not the new file."""
+    path = tmp_path / "app"
+    shutil.copy(fixtures["pie"].path, path)
+    proc = subprocess.Popen([str(path), "5", "wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.2)
+        path.unlink()
+        shutil.copy(fixtures["nopie"].path, path)  # the "new version" at the same path
+        exe = os.readlink(f"/proc/{proc.pid}/exe")
+        assert exe.endswith(" (deleted)")
+        res = elfsym.resolve(f"/proc/{proc.pid}/exe", ["lifecycle_step"],
+                             display=exe.removesuffix(" (deleted)"))
+        sym = res.best("lifecycle_step")
+        assert sym is not None
+        assert sym.vaddr == nm_address(fixtures["pie"].full, "lifecycle_step")[0]
+
+        def go():
+            assert proc.stdin is not None
+            proc.stdin.write(b"g")
+            proc.stdin.close()
+            proc.wait(10)
+
+        assert count_hits(f"/proc/{proc.pid}/exe", sym.offset, go) == 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cache_by_build_id(fixtures, tmp_path):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    shutil.copy(fixtures["pie"].path, a)
+    shutil.copy(fixtures["pie"].path, b)
+    r1 = elfsym.resolve_cached(str(a), ["lifecycle_step"])
+    r2 = elfsym.resolve_cached(str(b), ["lifecycle_step"])
+    assert r1 is r2
+
+
+def test_debian_qemu(fixtures):
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        from conftest import require
+
+        require("qemu-system-x86_64", False, "apt-get install qemu-system-x86")
+    exported = ["kvm_init_vcpu", "kvm_arch_put_registers", "kvm_cpu_synchronize_post_init",
+                "kvm_cpu_synchronize_post_reset", "qemu_system_reset", "kvm_put_apicbase",
+                "qemu_loadvm_state", "qdev_device_add", "qdev_machine_creation_done"]
+    static = ["kvm_apic_reset", "kvm_arch_set_tsc_khz"]
+    res = elfsym.resolve(qemu, exported + static)
+    if ".symtab" in res.sources:
+        pytest.skip("this QEMU is not stripped")
+    for name in exported:
+        assert res.found[name][0].source == ".dynsym", name
+    for name in static:
+        assert "install the debug symbols" in res.missing[name].reason
+    assert res.qemu_version and res.qemu_version[0].isdigit()
+    assert res.elf_type == "ET_DYN"
+
+
+def test_symbols_command_json(fixtures):
+    import json
+
+    r = subprocess.run([*QPROBE, "symbols", "/usr/bin/qemu-system-x86_64", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if r.returncode != 0 and "no such file" in r.stderr:
+        pytest.skip("no QEMU here")
+    report = json.loads(r.stdout)
+    events = {e["event"]: e for e in report["events"]}
+    assert events["system_reset"]["resolved"] and events["system_reset"]["source"] == ".dynsym"
+    assert not events["set_tsc_khz"]["resolved"]
+    assert "debug symbols" in events["set_tsc_khz"]["missing"]
+    assert events["vcpu_create"]["missing"].endswith("(exists since 9.2)")
+
+
+def test_wrong_architecture(fixtures, tmp_path):
+    data = bytearray(fixtures["pie"].path.read_bytes())
+    data[18:20] = (183).to_bytes(2, "little")  # EM_AARCH64
+    f = tmp_path / "arm"
+    f.write_bytes(bytes(data))
+    with pytest.raises(ElfError, match="not an x86-64 ELF"):
+        elfsym.resolve(str(f), ["main"])
+
+
+def test_truncated(fixtures, tmp_path):
+    f = tmp_path / "trunc"
+    f.write_bytes(fixtures["pie"].path.read_bytes()[:100])
+    with pytest.raises(ElfError):
+        elfsym.resolve(str(f), ["main"])
+
+
+def test_corrupt_gnu_debugdata(fixtures, tmp_path):
+    """A corrupt MiniDebugInfo is a problem reported for that source, not a crash."""
+    src = fixtures["minidebuginfo"].path
+    data = bytearray(src.read_bytes())
+    xz = (Path(src).parent / "mini.xz").read_bytes()
+    at = data.find(xz[:64])
+    assert at > 0
+    data[at + 64: at + 128] = b"\0" * 64
+    f = tmp_path / "corrupt"
+    f.write_bytes(bytes(data))
+    res = elfsym.resolve(str(f), ["lifecycle_step"])
+    assert ".gnu_debugdata: unreadable" in res.debug_hint
+    assert "lifecycle_step" in res.missing
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_malformed_elf(fixtures, tmp_path, data):
+    """Mutated and truncated ELF files: the resolver answers or raises ElfError, nothing else."""
+    blob = bytearray(fixtures["minidebuginfo"].path.read_bytes())
+    cut = data.draw(st.integers(min_value=0, max_value=len(blob)))
+    blob = blob[:cut] if data.draw(st.booleans()) else blob
+    for _ in range(data.draw(st.integers(min_value=0, max_value=24))):
+        if not blob:
+            break
+        pos = data.draw(st.integers(min_value=0, max_value=min(len(blob) - 1, 4096)))
+        blob[pos] = data.draw(st.integers(min_value=0, max_value=255))
+    f = tmp_path / "fuzz"
+    f.write_bytes(bytes(blob))
+    try:
+        elfsym.resolve(str(f), ["lifecycle_step", "main"], inline_names=["inlined_step"])
+    except ElfError:
+        pass
