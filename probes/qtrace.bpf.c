@@ -12,6 +12,7 @@
 #include <uapi/linux/ptrace.h>
 
 #define KVMIO 0xAE
+#define KVM_CREATE_VM     0xae01
 #define KVM_CREATE_VCPU   0xae41
 #define KVM_SET_SREGS     0x4138ae84
 #define KVM_SET_SREGS2    0x4140aecd
@@ -50,12 +51,25 @@ enum action {
 
 #define K_LIFECYCLE 1
 #define K_STATE_WRITE 2
+#define K_EXEC 3      // a QEMU process started (daemon discovery)
+#define K_EXIT 4      // a tracked QEMU process ended
+
+// ShutdownCause values that mean "the host asked for this reset"; a guest-reset that
+// follows one within FOLLOWUP_NS is the firmware's own reboot (SeaBIOS answers a QMP
+// system_reset with a hard reboot ~0.1 s later), counted apart so alerts can ignore it.
+#define CAUSE_HOST_ERROR 1
+#define CAUSE_HOST_QMP_SYSTEM_RESET 3
+#define CAUSE_HOST_UI 5
+#define CAUSE_GUEST_RESET 7
+#define FOLLOWUP_NS 2000000000ULL
+#define FOLLOWUP_FLAG 0x100   // reset_counts key: cause | FOLLOWUP_FLAG
 
 struct proc_state {
     u32 boot_done;
     u32 windows;
     u32 cause;
     u32 pad;
+    u64 last_host_reset_ns;
 };
 
 struct probe_cfg {
@@ -195,12 +209,36 @@ static __always_inline void decode_msrs(struct inflight *in) {
     }
 }
 
+static __always_inline void emit_simple(u32 kind, u32 tgid, u32 tid) {
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        lost_event();
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts = bpf_ktime_get_ns();
+    e->tgid = tgid;
+    e->tid = tid;
+    e->kind = kind;
+    e->vcpu = -1;
+    events.ringbuf_submit(e, 0);
+}
+
 static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
     if (((cmd >> 8) & 0xff) != KVMIO)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     struct proc_state *ps = procs.lookup(&tgid);
+#ifdef QTRACE_DISCOVERY
+    if (!ps && cmd == KVM_CREATE_VM) {
+        // A VMM that exec discovery did not recognise: track it from its first VM.
+        struct proc_state st = {};
+        procs.update(&tgid, &st);
+        emit_simple(K_EXEC, tgid, tid);
+        return 0;
+    }
+#endif
     if (!ps)
         return 0;
     if (!watched.lookup(&cmd))
@@ -387,6 +425,15 @@ static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct pro
     events.ringbuf_submit(e, 0);
 }
 
+static __always_inline void count_reset(struct reset_key *rk) {
+    u64 one = 1;
+    u64 *c = reset_counts.lookup(rk);
+    if (c)
+        __sync_fetch_and_add(c, 1);
+    else
+        reset_counts.update(rk, &one);
+}
+
 static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
@@ -413,17 +460,23 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
     u64 arg1 = PT_REGS_PARM1(ctx), arg2 = PT_REGS_PARM2(ctx);
     u32 level = 0;
     if (action == ACT_RESET) {
-        ps->cause = (u32)arg1;
+        u32 cause = (u32)arg1;
+        ps->cause = cause;
         ps->windows |= W_RESET;
         if (ps->boot_done) {
             // Boot-time reset (cause none) is part of boot; QMP emits no RESET for it.
-            struct reset_key rk = {.tgid = tgid, .cause = (u32)arg1};
-            u64 one = 1;
-            u64 *c = reset_counts.lookup(&rk);
-            if (c)
-                __sync_fetch_and_add(c, 1);
-            else
-                reset_counts.update(&rk, &one);
+            u64 now = bpf_ktime_get_ns();
+            struct reset_key rk = {.tgid = tgid, .cause = cause};
+            count_reset(&rk);
+            if (cause == CAUSE_HOST_QMP_SYSTEM_RESET || cause == CAUSE_HOST_UI ||
+                cause == CAUSE_HOST_ERROR) {
+                ps->last_host_reset_ns = now;
+            } else if (cause == CAUSE_GUEST_RESET && ps->last_host_reset_ns &&
+                       now - ps->last_host_reset_ns < FOLLOWUP_NS) {
+                struct reset_key fk = {.tgid = tgid, .cause = cause | FOLLOWUP_FLAG};
+                count_reset(&fk);
+                ps->last_host_reset_ns = 0;
+            }
         }
     } else if (action == ACT_HOTPLUG) {
         ps->windows |= W_HOTPLUG;
@@ -446,6 +499,47 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
     emit_lifecycle(tgid, tid, id, ps, arg1, arg2, level);
     return 0;
 }
+
+#ifdef QTRACE_DISCOVERY
+// ---------------------------------------------------------------- process discovery
+// Track a QEMU from its exec, in the kernel: its boot phase is counted from the very first
+// state write, without waiting for user space to notice the new pid.
+
+static __always_inline int is_qemu_comm(const char *c) {
+    // comm after exec is the file name, truncated to 15: "qemu-system-x86", "qemu-kvm"
+    if (c[0] != 'q' || c[1] != 'e' || c[2] != 'm' || c[3] != 'u' || c[4] != '-')
+        return 0;
+    if (c[5] == 'k' && c[6] == 'v' && c[7] == 'm')
+        return 1;
+    return c[5] == 's' && c[6] == 'y' && c[7] == 's' && c[8] == 't' && c[9] == 'e' &&
+           c[10] == 'm' && c[11] == '-';
+}
+
+int tp_sched_exec(void *ctx) {
+    char comm[16] = {};
+    bpf_get_current_comm(&comm, sizeof(comm));
+    if (!is_qemu_comm(comm))
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct proc_state st = {};
+    procs.update(&tgid, &st);
+    emit_simple(K_EXEC, tgid, (u32)pid_tgid);
+    return 0;
+}
+
+int tp_sched_exit(void *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if ((u32)pid_tgid != tgid)
+        return 0;  // a thread, not the process
+    if (!procs.lookup(&tgid))
+        return 0;
+    procs.delete(&tgid);
+    emit_simple(K_EXIT, tgid, tgid);
+    return 0;
+}
+#endif
 
 // One entry and one return handler per catalog slot; the slot's action is data.
 #define SLOT(n)                                                                   \

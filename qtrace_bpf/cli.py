@@ -113,6 +113,37 @@ def doctor(as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Serve /metrics here (default 0.0.0.0:10471, or the config's `listen`).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file (see systemd/qtrace.toml for every key).")
+@click.option("--hook", type=HOOK_CHOICE, default=None,
+              help="Kernel hook on KVM ioctls (default: the config's, else auto).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None, help="Log verbosity (logs go to stderr: the journal).")
+def daemon(listen: str | None, config_path: str | None, hook: str | None,
+           log_level: str | None) -> None:
+    """Trace every QEMU on this host and serve Prometheus metrics.
+
+    \b
+    Attaches to the host's QEMU binaries at start, tracks each QEMU process
+    from its exec (its boot is counted from the first state write), forgets
+    VMs a grace period after they quit, and serves /metrics:
+      qtrace_kvm_state_writes_total{vm,vcpu,ioctl,phase}
+      qtrace_lifecycle_events_total{vm,event}
+      qtrace_vm_resets_total{vm,cause}
+      qtrace_kvm_ioctl_errors_total{vm,ioctl}
+      qtrace_vm_info{vm,pid,uuid,qemu_version,build_id}
+    plus self-metrics (probes attached/missing, kernel hook, events lost, ...).
+    """
+    from .config import load_config
+    from .daemon import run_daemon
+
+    cfg = load_config(config_path, listen=listen, kernel_hook=hook, log_level=log_level)
+    sys.exit(run_daemon(cfg))
+
+
+@main.command()
 @click.option("--duration", type=float, default=None, metavar="SECONDS",
               help="Stop tracing after this long (default: when the demo's steps are done).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of the live view.")

@@ -11,7 +11,8 @@ from .kvm_ioctls import ioctl_name
 from .qemu_abi import PUT_LEVELS, cause_name
 
 PHASES = ("boot", "reset", "hotplug", "migration", "runtime")
-K_LIFECYCLE, K_STATE_WRITE = 1, 2
+K_LIFECYCLE, K_STATE_WRITE, K_EXEC, K_EXIT = 1, 2, 3, 4
+FOLLOWUP_FLAG = 0x100  # reset_counts: a guest reset right after a host-requested one
 # Decoded values, in the order of vals[] in qtrace.bpf.c.
 VALUES = ("apic_base", "tsc_khz", "msr_tsc", "msr_tsc_deadline")
 

@@ -155,7 +155,7 @@ class Session:
     """One BPF program for all traced QEMU binaries and pids."""
 
     def __init__(self, catalog: Catalog, *, hook: str | None = None, log: Log | None = None,
-                 ringbuf_cb: Callable[[bytes], None] | None = None):
+                 ringbuf_cb: Callable[[bytes], None] | None = None, discovery: bool = False):
         check_privileges()
         self.bcc = _import_bcc()
         check_kernel_headers()
@@ -167,6 +167,7 @@ class Session:
         self.bpf = None
         self.hook_mode = ""
         self._ringbuf_cb = ringbuf_cb
+        self.discovery = discovery
         try:
             self._open(hook)
             self._configure()
@@ -204,8 +205,13 @@ class Session:
     def _compile_and_hook(self, text: str, mode: str):
         BPF = self.bcc.BPF
         cflags = [f"-DQTRACE_HOOK_{mode.upper()}", "-Wno-unused-function"]
+        if self.discovery:
+            cflags.append("-DQTRACE_DISCOVERY")
         b = BPF(text=text.encode(), cflags=cflags)  # fentry: KFUNC_PROBEs auto-attach here
         try:
+            if self.discovery:
+                b.attach_tracepoint(tp="sched:sched_process_exec", fn_name="tp_sched_exec")
+                b.attach_tracepoint(tp="sched:sched_process_exit", fn_name="tp_sched_exit")
             if mode == "kprobe":
                 for fn in hooks.KVM_FUNCS:
                     b.attach_kprobe(event=fn, fn_name="kp_kvm_ioctl")
@@ -280,6 +286,25 @@ class Session:
         except KeyError:
             pass
         self.tracked.discard(pid)
+
+    def is_tracked_in_kernel(self, pid: int) -> bool:
+        try:
+            self.bpf["procs"][ct.c_uint32(pid)]
+        except KeyError:
+            return False
+        return True
+
+    def forget(self, pid: int) -> None:
+        """Drop every counter of an exited process (its series end with it)."""
+        self.untrack(pid)
+        for name in ("write_counts", "error_counts", "lifecycle_counts", "reset_counts",
+                     "last_val", "vcpu_fds"):
+            table = self.bpf[name]
+            for key in [k for k in table.keys() if k.tgid == pid]:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
 
     # -- reading -------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import elfsym, targets
 from .catalog import Catalog, load_catalog
-from .events import Decoder, phase_name, render
+from .events import FOLLOWUP_FLAG, Decoder, phase_name, render
 from .kvm_ioctls import ioctl_name
 from .qemu_abi import cause_name
 from .session import BinaryPlan, Session
@@ -60,8 +60,12 @@ def summary(w: Watch, started: float) -> dict:
               if k.tgid == pid}
     lifecycle = {w.catalog.by_slot(k.probe).event: n
                  for k, n in w.session.table_items("lifecycle_counts") if k.tgid == pid}
-    resets = {cause_name(k.cause, version): n for k, n in w.session.table_items("reset_counts")
-              if k.tgid == pid}
+    resets: dict[str, int] = {}
+    following: dict[str, int] = {}
+    for k, n in w.session.table_items("reset_counts"):
+        if k.tgid == pid:
+            into = following if k.cause & FOLLOWUP_FLAG else resets
+            into[cause_name(k.cause & ~FOLLOWUP_FLAG, version)] = n
     return {
         "kind": "summary",
         "vm": w.target.name,
@@ -73,6 +77,7 @@ def summary(w: Watch, started: float) -> dict:
         "errors": errors,
         "lifecycle": lifecycle,
         "resets": resets,
+        "resets_following_host": following,
         "events": w.events_seen,
         "events_lost": w.session.events_lost(),
         "probes_attached": {a.probe.event: a.function for a in w.plan.attached if a.symbol},
