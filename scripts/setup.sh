@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 say() { printf 'setup: %s\n' "$*" >&2; }
 
 APT_PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 qemu-system-x86 python3-venv
-          bpftool strace gcc make binutils xz-utils elfutils prometheus iproute2)
+          bpftool strace gcc make binutils xz-utils elfutils prometheus iproute2 openssl
+          systemd util-linux)
 
 if [ "$(id -u)" != 0 ]; then say "must run as root (BPF, /dev/kvm, apt)"; exit 1; fi
 

@@ -1,0 +1,366 @@
+"""qprobe daemon on real VMs, scraped directly and by a real Prometheus with our rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import QPROBE, ROOT, check_kvm, require, wait_no_leftovers
+from prometheus_client.parser import text_string_to_metric_families
+from strace_count import count_state_writes
+
+from qtrace_bpf.vm import VM
+
+pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
+RULES = ROOT / "exporters" / "prometheus" / "qtrace-alerts.yml"
+DASHBOARD = ROOT / "exporters" / "grafana" / "qtrace-dashboard.json"
+GRACE = 6.0
+HOSTILE = "evil\"quote\\back\nnew,,line{}=" + "x" * 10_000 + os.fsdecode(b"\xff\xfe")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+        return r.read().decode()
+
+
+def scrape(url: str) -> dict[str, list]:
+    """family name -> samples (name, labels, value)."""
+    text = http_get(url)
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        out[fam.name] = [(s.name, s.labels, s.value) for s in fam.samples]
+    return out
+
+
+def samples(metrics: dict, name: str, **labels: str) -> list[tuple[dict, float]]:
+    fam = name.removesuffix("_total")
+    return [(lab, val) for n, lab, val in metrics.get(fam, [])
+            if n == name and all(lab.get(k) == v for k, v in labels.items())]
+
+
+class Daemon:
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        cfg = tmp / "qtrace.toml"
+        cfg.write_text(f'listen = "127.0.0.1:{self.port}"\ngrace_period = {GRACE}\n'
+                       'rescan_interval = 2\nlog_level = "info"\n')
+        self.proc = subprocess.Popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
+                                     stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "listening on" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(90) or self.proc.poll() is not None:
+            raise AssertionError("daemon did not start: " + "".join(self.log))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+class Prometheus:
+    def __init__(self, tmp: Path, target_port: int):
+        exe = shutil.which("prometheus")
+        require("prometheus", exe is not None, "apt-get install prometheus")
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api/v1"
+        conf = tmp / "prometheus.yml"
+        conf.write_text(json.dumps({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "qtrace", "static_configs": [
+                {"targets": [f"127.0.0.1:{target_port}"]}]}],
+        }))
+        self.proc = subprocess.Popen(
+            [exe, f"--config.file={conf}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                http_get(f"http://127.0.0.1:{self.port}/-/ready", 2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "prometheus did not start"
+                assert self.proc.poll() is None, "prometheus exited"
+                time.sleep(0.3)
+
+    def firing(self, alert: str) -> list[dict]:
+        data = json.loads(http_get(f"{self.api}/alerts"))["data"]["alerts"]
+        return [a["labels"] for a in data
+                if a["labels"].get("alertname") == alert and a["state"] == "firing"]
+
+    def query(self, expr: str) -> list[dict]:
+        q = urllib.parse.urlencode({"query": expr})
+        return json.loads(http_get(f"{self.api}/query?{q}"))["data"]["result"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def qmp_resets(vm: VM) -> Counter:
+    return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
+
+
+def strace_wrapper(path: Path) -> list[str]:
+    return ["strace", "-f", "-y", "-X", "raw", "-e", "trace=ioctl", "-o", str(path)]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Daemon first; then VMs under strace from exec; Prometheus scraping all along."""
+    check_kvm()
+    tmp = tmp_path_factory.mktemp("fleet")
+    daemon = Daemon(tmp)
+    prom = Prometheus(tmp, daemon.port)
+    vms: dict[str, VM] = {}
+    try:
+        vms["loop-vm"] = VM("loop-vm", paused=False, extra=["-boot", "reboot-timeout=500"],
+                            wrapper=strace_wrapper(tmp / "loop.strace"))
+        vms["ops-vm"] = VM("ops-vm", wrapper=strace_wrapper(tmp / "ops.strace"))
+        vms["quit-vm"] = VM("quit-vm", wrapper=strace_wrapper(tmp / "quit.strace"))
+        vms["hostile"] = VM(HOSTILE)  # argv keeps ',,': QEMU's escaped comma
+        ops = vms["ops-vm"]
+        ops.cmd("cont")
+        vms["quit-vm"].cmd("cont")
+        time.sleep(0.5)
+        ops.hotplug_cpu()
+        time.sleep(0.5)
+        ops.cmd("system_reset")
+        time.sleep(1.0)
+        ops.cmd("system_reset")
+        deadline = time.monotonic() + 40
+        while qmp_resets(vms["loop-vm"])["guest-reset"] < 3:
+            assert time.monotonic() < deadline, "loop-vm did not reboot 3 times"
+            time.sleep(0.2)
+        # let Prometheus see it all and evaluate the rules
+        deadline = time.monotonic() + 40
+        while not prom.firing("QemuVmUnexpectedReset"):
+            assert time.monotonic() < deadline, "QemuVmUnexpectedReset never fired"
+            time.sleep(0.5)
+        time.sleep(3)
+        alerts = {a: prom.firing(a) for a in ("QemuVmUnexpectedReset", "QemuVmResetLoop")}
+        prom_resets = prom.query("qtrace_vm_resets_total > 0")
+        resets = {}
+        for name in ("loop-vm", "ops-vm", "quit-vm"):
+            vms[name].cmd("stop")
+        time.sleep(0.3)
+        for name in ("loop-vm", "ops-vm", "quit-vm"):
+            resets[name] = qmp_resets(vms[name])
+            vms[name].quit()
+        time.sleep(1.0)
+        metrics = scrape(daemon.url)
+        raw = http_get(daemon.url)
+        straces = {n: count_state_writes(str(tmp / f"{n.split('-')[0]}.strace"))
+                   for n in ("loop-vm", "ops-vm", "quit-vm")}
+        yield {"daemon": daemon, "prom": prom, "metrics": metrics, "raw": raw, "tmp": tmp,
+               "resets": resets, "straces": straces, "alerts": alerts,
+               "prom_resets": prom_resets, "vms": vms}
+    finally:
+        for vm in vms.values():
+            vm.close()
+        prom.stop()
+        if daemon.proc.poll() is None:
+            daemon.stop()
+
+
+def test_counts_equal_strace_boot_included(fleet):
+    for name, expected in fleet["straces"].items():
+        assert expected, f"strace saw nothing for {name}"
+        ours = Counter()
+        for lab, val in samples(fleet["metrics"], "qtrace_kvm_state_writes_total", vm=name):
+            vcpu = None if lab["vcpu"] == "vm" else int(lab["vcpu"])
+            ours[(vcpu, lab["ioctl"])] += int(val)
+        assert ours == expected, name
+        boot = samples(fleet["metrics"], "qtrace_kvm_state_writes_total", vm=name, vcpu="0",
+                       ioctl="KVM_CREATE_VCPU", phase="boot")
+        assert boot and boot[0][1] == 1, f"{name}: boot not traced from the first write"
+
+
+def test_hotplug_and_reset_phases(fleet):
+    m = fleet["metrics"]
+    assert samples(m, "qtrace_kvm_state_writes_total", vm="ops-vm", vcpu="1",
+                   ioctl="KVM_SET_LAPIC", phase="hotplug")
+    assert samples(m, "qtrace_kvm_state_writes_total", vm="ops-vm", vcpu="1",
+                   ioctl="KVM_SET_SREGS2", phase="reset")
+
+
+def test_resets_equal_qmp_events(fleet):
+    for name, qmp in fleet["resets"].items():
+        ours = {lab["cause"]: int(v) for lab, v in
+                samples(fleet["metrics"], "qtrace_vm_resets_total", vm=name) if v}
+        assert ours == dict(qmp), name
+        # every known cause is exported, zero or not (increase() needs the zero)
+        causes = {lab["cause"] for lab, _ in
+                  samples(fleet["metrics"], "qtrace_vm_resets_total", vm=name)}
+        assert {"guest-reset", "guest-panic", "host-qmp-system-reset"} <= causes
+    assert fleet["resets"]["ops-vm"]["host-qmp-system-reset"] == 2
+    assert fleet["resets"]["loop-vm"]["guest-reset"] >= 3
+
+
+def test_firmware_reboot_after_host_reset_is_marked(fleet):
+    m = fleet["metrics"]
+    follow = {lab["vm"]: int(v) for lab, v in
+              samples(m, "qtrace_vm_resets_following_host_total", cause="guest-reset")}
+    assert follow["ops-vm"] == fleet["resets"]["ops-vm"]["guest-reset"] >= 1
+    assert follow["loop-vm"] == 0
+
+
+def test_prometheus_alerts(fleet):
+    unexpected = {a["vm"] for a in fleet["alerts"]["QemuVmUnexpectedReset"]}
+    assert "loop-vm" in unexpected
+    assert "ops-vm" not in unexpected
+    assert {a["vm"] for a in fleet["alerts"]["QemuVmResetLoop"]} <= {"loop-vm"}
+    seen = {(r["metric"]["vm"], r["metric"]["cause"]) for r in fleet["prom_resets"]}
+    assert ("ops-vm", "host-qmp-system-reset") in seen
+
+
+def test_vm_info_and_self_metrics(fleet):
+    m = fleet["metrics"]
+    info = {lab["vm"]: lab for lab, _ in samples(m, "qtrace_vm_info")}
+    assert {"loop-vm", "ops-vm", "quit-vm"} <= set(info)
+    assert info["ops-vm"]["qemu_version"] and info["ops-vm"]["build_id"]
+    assert samples(m, "qtrace_kernel_hook_info")[0][0]["mode"] in ("fentry", "kprobe",
+                                                                   "tracepoint")
+    assert samples(m, "qtrace_events_lost_total")[0][1] == 0
+    assert samples(m, "qtrace_counting_gaps_total")[0][1] == 0  # all found at exec
+    attached = samples(m, "qtrace_probe_attached", event="system_reset")
+    assert any(v == 1 for _, v in attached)
+
+
+def test_hostile_vm_name(fleet):
+    """Untrusted names never break the exposition: prometheus_client's parser and promtool."""
+    names = {lab["vm"] for lab, _ in samples(fleet["metrics"], "qtrace_vm_info")}
+    hostile = [n for n in names if n.startswith("evil")]
+    assert len(hostile) == 1 and len(hostile[0]) <= 64 and "\n" not in hostile[0]
+    promtool = shutil.which("promtool")
+    require("promtool", promtool is not None, "apt-get install prometheus")
+    r = subprocess.run([promtool, "check", "metrics"], input=fleet["raw"], capture_output=True,
+                       text=True)
+    assert "error" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+
+
+def test_dashboard_queries_use_exported_metrics(fleet):
+    import re
+
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v.get("query", {}).get("query", "") if isinstance(v.get("query"), dict)
+              else v.get("query", "") for v in dash.get("templating", {}).get("list", [])]
+    assert len(exprs) >= 8
+    exported = set()
+    for fam, smp in fleet["metrics"].items():
+        exported |= {n for n, _, _ in smp} | {fam, f"{fam}_total"}  # counters without samples
+    recorded = set(re.findall(r"record: (\S+)", RULES.read_text()))
+    used = {n for e in exprs for n in re.findall(r"\b(qtrace[:_][A-Za-z0-9_:]*)", e)}
+    assert used, exprs
+    assert used <= exported | recorded, used - exported - recorded
+
+
+def test_quit_vm_forgotten_after_grace(fleet):
+    deadline = time.monotonic() + GRACE + 10
+    while True:
+        names = {lab["vm"] for lab, _ in samples(scrape(fleet["daemon"].url), "qtrace_vm_info")}
+        if not names & {"loop-vm", "ops-vm", "quit-vm"}:
+            break
+        assert time.monotonic() < deadline, f"still exported after the grace period: {names}"
+        time.sleep(0.5)
+    left = scrape(fleet["daemon"].url)
+    assert not samples(left, "qtrace_kvm_state_writes_total", vm="quit-vm")
+
+
+def test_daemon_stops_cleanly(fleet):
+    d = fleet["daemon"]
+    assert d.stop() == 0, "".join(d.log)
+    assert "Traceback" not in "".join(d.log)
+    assert wait_no_leftovers() == []
+
+
+def test_daemon_bad_config(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = 'nowhere'\n")
+    r = subprocess.run([*QPROBE, "daemon", "--config", str(bad)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "expected HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+    bad.write_text("colour = 'blue'\n")
+    r = subprocess.run([*QPROBE, "daemon", "--config", str(bad)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "unknown key(s): colour" in r.stderr
+
+
+
+def test_tls_and_basic_auth(bpf_caps, tmp_path):
+    """TLS from prometheus_client's ssl support, bcrypt users as in Prometheus' web config."""
+    import base64
+    import ssl
+    import urllib.error
+
+    import bcrypt
+
+    openssl = shutil.which("openssl")
+    require("openssl", openssl is not None, "apt-get install openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
+                   check=True, capture_output=True)
+    port = free_port()
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\n[tls]\ncert_file = "{tmp_path / "c.pem"}"\n'
+                   f'key_file = "{tmp_path / "k.pem"}"\n[basic_auth_users]\n'
+                   f'prom = "{hashed}"\n')
+    proc = subprocess.Popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "listening on" in line:
+                assert "(https)" in line
+                break
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "c.pem"))
+        url = f"https://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, context=ctx, timeout=10)  # noqa: S310
+        assert err.value.code == 401
+        req = urllib.request.Request(url, headers={
+            "Authorization": "Basic " + base64.b64encode(b"prom:wrong").decode()})
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(req, context=ctx, timeout=10)  # noqa: S310
+        req = urllib.request.Request(url, headers={
+            "Authorization": "Basic " + base64.b64encode(b"prom:s3cret").decode()})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:  # noqa: S310
+            assert b"qtrace_kernel_hook_info" in r.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert wait_no_leftovers() == []
