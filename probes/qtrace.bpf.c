@@ -158,14 +158,11 @@ BPF_HASH(reset_counts, struct reset_key, u64, 16384);
 BPF_ARRAY(stats, u64, 4);                            // [0] ring buffer events lost
 BPF_RINGBUF_OUTPUT(events, 64);
 
-static __always_inline void bump(u64 *slot) {
-    if (slot)
-        __sync_fetch_and_add(slot, 1);
-}
-
 static __always_inline void lost_event(void) {
     u32 zero = 0;
-    bump(stats.lookup(&zero));
+    u64 *lost = stats.lookup(&zero);
+    if (lost)
+        __sync_fetch_and_add(lost, 1);
 }
 
 static __always_inline u32 phase_of(struct proc_state *ps, u32 *cause) {
@@ -209,11 +206,12 @@ static __always_inline void decode_msrs(struct inflight *in) {
     }
 }
 
-static __always_inline void emit_simple(u32 kind, u32 tgid, u32 tid) {
+// A zeroed event with its header filled, or NULL (counted as lost) when the ring is full.
+static __always_inline struct event *new_event(u32 kind, u32 tgid, u32 tid) {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         lost_event();
-        return;
+        return 0;
     }
     __builtin_memset(e, 0, sizeof(*e));
     e->ts = bpf_ktime_get_ns();
@@ -221,7 +219,13 @@ static __always_inline void emit_simple(u32 kind, u32 tgid, u32 tid) {
     e->tid = tid;
     e->kind = kind;
     e->vcpu = -1;
-    events.ringbuf_submit(e, 0);
+    return e;
+}
+
+static __always_inline void emit_simple(u32 kind, u32 tgid, u32 tid) {
+    struct event *e = new_event(kind, tgid, tid);
+    if (e)
+        events.ringbuf_submit(e, 0);
 }
 
 static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
@@ -280,12 +284,7 @@ static __always_inline int ioctl_exit(s64 ret) {
     u32 known = 0, changed = 0;
     if (ret < 0) {
         struct err_key ek = {.tgid = tgid, .cmd = in.cmd};
-        u64 one = 1;
-        u64 *c = error_counts.lookup(&ek);
-        if (c)
-            __sync_fetch_and_add(c, 1);
-        else
-            error_counts.update(&ek, &one);
+        error_counts.atomic_increment(ek);
     } else {
         if (in.cmd == KVM_CREATE_VCPU) {
             struct fd_key fk = {.tgid = tgid, .fd = (u32)ret};
@@ -294,12 +293,7 @@ static __always_inline int ioctl_exit(s64 ret) {
             in.vcpu = id;
         }
         struct count_key ck = {.tgid = tgid, .vcpu = in.vcpu, .cmd = in.cmd, .phase = in.phase};
-        u64 one = 1;
-        u64 *c = write_counts.lookup(&ck);
-        if (c)
-            __sync_fetch_and_add(c, 1);
-        else
-            write_counts.update(&ck, &one);
+        write_counts.atomic_increment(ck);
         for (int i = 0; i < NVALS; i++) {
             if (!(in.have & (1 << i)))
                 continue;
@@ -314,15 +308,9 @@ static __always_inline int ioctl_exit(s64 ret) {
         }
     }
 
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        lost_event();
+    struct event *e = new_event(K_STATE_WRITE, tgid, tid);
+    if (!e)
         return 0;
-    }
-    e->ts = bpf_ktime_get_ns();
-    e->tgid = tgid;
-    e->tid = tid;
-    e->kind = K_STATE_WRITE;
     e->id = in.cmd;
     e->vcpu = in.vcpu;
     e->phase = in.phase;
@@ -330,7 +318,6 @@ static __always_inline int ioctl_exit(s64 ret) {
     e->level = in.level;
     e->ret = ret;
     e->arg1 = in.arg;
-    e->arg2 = 0;
     e->fd = in.fd;
     e->have = in.have;
     e->known = known;
@@ -406,32 +393,15 @@ int kretp_kvm_ioctl(struct pt_regs *ctx) {
 
 static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct proc_state *ps,
                                            u64 arg1, u64 arg2, u32 level) {
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        lost_event();
+    struct event *e = new_event(K_LIFECYCLE, tgid, tid);
+    if (!e)
         return;
-    }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->ts = bpf_ktime_get_ns();
-    e->tgid = tgid;
-    e->tid = tid;
-    e->kind = K_LIFECYCLE;
     e->id = id;
-    e->vcpu = -1;
     e->phase = phase_of(ps, &e->cause);
     e->level = level;
     e->arg1 = arg1;
     e->arg2 = arg2;
     events.ringbuf_submit(e, 0);
-}
-
-static __always_inline void count_reset(struct reset_key *rk) {
-    u64 one = 1;
-    u64 *c = reset_counts.lookup(rk);
-    if (c)
-        __sync_fetch_and_add(c, 1);
-    else
-        reset_counts.update(rk, &one);
 }
 
 static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) {
@@ -467,14 +437,14 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
             // Boot-time reset (cause none) is part of boot; QMP emits no RESET for it.
             u64 now = bpf_ktime_get_ns();
             struct reset_key rk = {.tgid = tgid, .cause = cause};
-            count_reset(&rk);
+            reset_counts.atomic_increment(rk);
             if (cause == CAUSE_HOST_QMP_SYSTEM_RESET || cause == CAUSE_HOST_UI ||
                 cause == CAUSE_HOST_ERROR) {
                 ps->last_host_reset_ns = now;
             } else if (cause == CAUSE_GUEST_RESET && ps->last_host_reset_ns &&
                        now - ps->last_host_reset_ns < FOLLOWUP_NS) {
                 struct reset_key fk = {.tgid = tgid, .cause = cause | FOLLOWUP_FLAG};
-                count_reset(&fk);
+                reset_counts.atomic_increment(fk);
                 ps->last_host_reset_ns = 0;
             }
         }
@@ -490,12 +460,7 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
     }
 
     struct lc_key lk = {.tgid = tgid, .probe = id};
-    u64 one = 1;
-    u64 *c = lifecycle_counts.lookup(&lk);
-    if (c)
-        __sync_fetch_and_add(c, 1);
-    else
-        lifecycle_counts.update(&lk, &one);
+    lifecycle_counts.atomic_increment(lk);
     emit_lifecycle(tgid, tid, id, ps, arg1, arg2, level);
     return 0;
 }

@@ -33,6 +33,12 @@ static inline __attribute__((always_inline)) int inlined_step(int x) {
     return counter;
 }
 
+/* Called with a constant argument: GCC emits a clone (cloned_step.constprop.0). */
+__attribute__((noinline)) static int cloned_step(int x, int scale) {
+    counter += x * scale;
+    return counter;
+}
+
 __attribute__((noinline)) int exported_step(int x) {
     return lifecycle_step(x) + 1;
 }
@@ -50,6 +56,7 @@ int main(int argc, char **argv) {
         lifecycle_step(i);
         inlined_step(i);
         exported_step(i);
+        cloned_step(i, 5);
     }
     printf("%d %d\n", counter, dup_name_a() + dup_name_b());
     return 0;

@@ -68,6 +68,14 @@ def count_hits(path: str, offset: int, run_it) -> int:
         b.cleanup()
 
 
+def release(proc: subprocess.Popen) -> None:
+    """Let a fixture started with 'N wait' run its loop, and wait for it."""
+    assert proc.stdin is not None
+    proc.stdin.write(b"g")
+    proc.stdin.close()
+    proc.wait(10)
+
+
 @pytest.mark.parametrize("kind", sorted(EXPECTED_SOURCE))
 def test_offset_matches_readelf_and_source(fixtures, kind):
     fx = fixtures[kind]
@@ -140,6 +148,49 @@ def test_duplicate_static_names_are_not_chosen_silently(fixtures):
     assert res.best("dup") is None
 
 
+def test_gcc_clone_resolves_and_says_so(bpf_caps, fixtures):
+    fx = fixtures["pie"]
+    res = resolve(fx, "cloned_step")
+    sym = res.best("cloned_step")
+    assert sym is not None and sym.is_clone, res.found
+    assert sym.name.startswith("cloned_step.")
+    [vaddr] = nm_address(fx.full, sym.name)
+    assert sym.vaddr == vaddr
+    hits = count_hits(str(fx.path), sym.offset,
+                      lambda: subprocess.run([str(fx.path), "4"], check=True,
+                                             capture_output=True))
+    assert hits == 4
+
+
+def test_binary_only_in_another_mount_namespace(bpf_caps, fixtures, tmp_path):
+    """A containerised QEMU: its binary path exists only in its own mount namespace."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        from conftest import require
+
+        require("unshare", False, "apt-get install util-linux")
+    hidden = tmp_path / "ns-only"
+    hidden.mkdir()
+    script = (f"mount -t tmpfs none {hidden} && cp {fixtures['pie'].path} {hidden}/app && "
+              f"exec {hidden}/app 3 wait")
+    proc = subprocess.Popen([unshare, "-m", "--propagation", "private", "sh", "-c", script],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.readlink(f"/proc/{proc.pid}/exe").endswith("/app"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not (hidden / "app").exists()  # not visible from here
+        res = elfsym.resolve(f"/proc/{proc.pid}/exe", ["lifecycle_step"])
+        sym = res.best("lifecycle_step")
+        assert sym is not None
+
+        assert count_hits(f"/proc/{proc.pid}/exe", sym.offset, lambda: release(proc)) == 6
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_inlined_function_reported(fixtures):
     res = resolve(fixtures["pie"], "inlined_step", "lifecycle_step")
     assert "inlined_step" in res.missing  # no out-of-line copy to probe
@@ -173,13 +224,7 @@ def test_binary_replaced_on_disk_still_traced(bpf_caps, fixtures, tmp_path):
         assert sym is not None
         assert sym.vaddr == nm_address(fixtures["pie"].full, "lifecycle_step")[0]
 
-        def go():
-            assert proc.stdin is not None
-            proc.stdin.write(b"g")
-            proc.stdin.close()
-            proc.wait(10)
-
-        assert count_hits(f"/proc/{proc.pid}/exe", sym.offset, go) == 10
+        assert count_hits(f"/proc/{proc.pid}/exe", sym.offset, lambda: release(proc)) == 10
     finally:
         proc.kill()
         proc.wait()
