@@ -39,6 +39,14 @@ class VmRecord:
     exited_at: float | None = None
 
 
+def _starts_with_elf_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return True  # let the resolver report why it cannot be read
+
+
 class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -81,8 +89,13 @@ class Daemon:
     def attach_host_binaries(self) -> None:
         for pattern in self.cfg.qemu_binaries:
             for path in sorted(glob.glob(pattern)):
-                if os.path.isfile(path) and os.access(path, os.X_OK):
-                    self.attach_binary(os.path.realpath(path), path)
+                if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                    continue
+                if not _starts_with_elf_magic(path):
+                    # e.g. Debian's qemu-system-i386 is a shell wrapper (xen redirect)
+                    log.debug("binary=%s skipped: not an ELF file (a wrapper script?)", path)
+                    continue
+                self.attach_binary(os.path.realpath(path), path)
 
     # -- VMs ----------------------------------------------------------------------
 
