@@ -107,7 +107,7 @@ class QtraceCollector:
             attached.add_metric(labels, len(plan.attached) - len(plan.missing))
             missing.add_metric(labels, len(plan.missing))
             for a in plan.attached:
-                per_event.add_metric([*labels, a.probe.event], 0 if a.symbol is None else 1)
+                per_event.add_metric([*labels, a.probe.event], 1 if a.ok else 0)
         yield attached
         yield missing
         yield per_event

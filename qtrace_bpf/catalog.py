@@ -39,6 +39,7 @@ class Probe:
     inlined: tuple[str, ...] = ()
     versions: str = ""
     since: str = ""  # first QEMU version that has the function
+    attach_inlined: bool = False  # also probe inlined instances found in DWARF
 
     @property
     def action_id(self) -> int:
@@ -86,6 +87,9 @@ def parse_catalog(text: str) -> Catalog:
     for slot, raw in enumerate(data.get("probe", [])):
         if raw["action"] not in ACTIONS:
             raise ValueError(f"catalog: {raw['event']}: unknown action {raw['action']!r}")
+        if raw.get("attach_inlined") and raw["action"] in RETURN_ACTIONS:
+            raise ValueError(f"catalog: {raw['event']}: attach_inlined needs an entry-only "
+                             "action (inlined code has no return to probe)")
         probes.append(
             Probe(
                 slot=slot,
@@ -99,6 +103,7 @@ def parse_catalog(text: str) -> Catalog:
                 inlined=tuple(raw.get("inlined", ())),
                 versions=raw.get("versions", ""),
                 since=raw.get("since", ""),
+                attach_inlined=bool(raw.get("attach_inlined", False)),
             )
         )
     if len(probes) > MAX_SLOTS:

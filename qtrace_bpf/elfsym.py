@@ -93,6 +93,12 @@ class Resolution:
     debug_hint: str = ""
     inlined: dict[str, list[int]] = field(default_factory=dict)  # name -> inlined instance vaddrs
     dwarf: bool = False
+    loads: list[tuple[int, int, int]] = field(default_factory=list)  # PT_LOAD (vaddr, filesz, off)
+
+    def inlined_offsets(self, name: str) -> list[int]:
+        """File offsets of the inlined instances of `name` (for uprobes)."""
+        offs = (vaddr_to_offset(self.loads, a) for a in self.inlined.get(name, ()))
+        return sorted({o for o in offs if o is not None})
 
     def best(self, name: str) -> Symbol | None:
         """The single location to probe, or None when absent or ambiguous."""
@@ -428,7 +434,7 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
              inline_names: Iterable[str]) -> Resolution:
     with Binary(path, debug_roots, display) as binary:
         res = Resolution(binary.display, binary.build_id, binary.qemu_version(),
-                         binary.elf_type)
+                         binary.elf_type, loads=list(binary.loads))
         res.sources = [s for s, _ in binary.tables()]
         full = [s for s in res.sources if s != ".dynsym"]
         where = (f"/usr/lib/debug/.build-id/{binary.build_id[:2]}/{binary.build_id[2:]}.debug"

@@ -55,6 +55,11 @@ class Attached:
     function: str | None
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    inlined_offsets: list[int] = field(default_factory=list)  # extra entry probes
+
+    @property
+    def ok(self) -> bool:
+        return self.symbol is not None or bool(self.inlined_offsets)
 
 
 @dataclass
@@ -66,7 +71,7 @@ class BinaryPlan:
 
     @property
     def missing(self) -> list[Attached]:
-        return [a for a in self.attached if a.symbol is None]
+        return [a for a in self.attached if not a.ok]
 
 
 def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
@@ -77,6 +82,12 @@ def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
         reasons = []
         for fn in probe.functions:
             syms = res.found.get(fn)
+            inlined = res.inlined_offsets(fn) if probe.attach_inlined else []
+            if not syms and inlined:
+                chosen = Attached(probe, None, fn, inlined_offsets=inlined, notes=[
+                    f"{fn} has no out-of-line copy: probing its {len(inlined)} inlined "
+                    "instance(s) from DWARF"])
+                break
             if not syms:
                 why = res.missing[fn].reason if fn in res.missing else "not resolved"
                 reasons.append(f"{fn}: {why}")
@@ -89,11 +100,13 @@ def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
             notes = []
             if sym.is_clone:
                 notes.append(f"GCC clone {sym.name}")
-            if fn in probe.inlined or res.inlined.get(fn):
+            if inlined:
+                notes.append(f"{fn} is also inlined at {len(inlined)} site(s): probed too")
+            elif fn in probe.inlined or res.inlined.get(fn):
                 notes.append(f"{fn} is inlined at some call sites: those calls are not seen")
             if fn != probe.functions[0]:
                 notes.append(f"fallback for {probe.functions[0]} ({reasons[0]})")
-            chosen = Attached(probe, sym, fn, notes=notes)
+            chosen = Attached(probe, sym, fn, notes=notes, inlined_offsets=inlined)
             break
         if chosen is None and absent_in(probe, res.qemu_version):
             reasons = [f"{probe.functions[0]}: not in QEMU {res.qemu_version} "
@@ -254,6 +267,8 @@ class Session:
             return self.binaries[key]
         plan = BinaryPlan(key, path, res, plan_probes(self.catalog, res))
         for att in plan.attached:
+            for offset in att.inlined_offsets:
+                self._attach_uprobe(path, offset, f"qt_entry_{att.probe.slot}", False)
             if att.symbol is None:
                 continue
             self._attach_uprobe(path, att.symbol.offset, f"qt_entry_{att.probe.slot}", False)

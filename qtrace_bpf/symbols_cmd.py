@@ -33,7 +33,7 @@ def symbols_report(binary: str | None, pid: int | None,
                          display=display.removesuffix(" (deleted)"), inline_names=names)
     events = []
     for att in plan_probes(catalog, res):
-        row: dict = {"event": att.probe.event, "resolved": att.symbol is not None,
+        row: dict = {"event": att.probe.event, "resolved": att.ok,
                      "functions": list(att.probe.functions)}
         if att.symbol is not None:
             s = att.symbol
@@ -41,12 +41,17 @@ def symbols_report(binary: str | None, pid: int | None,
                        address=f"{s.vaddr:#x}", offset=f"{s.offset:#x}", size=s.size,
                        binding=s.binding, first_insn=s.first_insn, emulated=s.emulated,
                        notes=att.notes)
+        elif att.ok:
+            row.update(function=att.function, symbol=f"{att.function} (inlined)",
+                       source="DWARF inlined", address="-", offset="-", size=0,
+                       binding="-", first_insn="-", emulated=None, notes=att.notes)
         else:
             row["missing"] = att.reason
         fn = att.function or att.probe.functions[0]
         if res.inlined.get(fn):
             row["inlined"] = True
             row["inlined_at"] = [f"{a:#x}" for a in res.inlined[fn]]
+            row["inlined_probed"] = [f"{o:#x}" for o in att.inlined_offsets]
         elif fn in att.probe.inlined:
             row["inlined"] = True
         else:

@@ -80,7 +80,7 @@ def summary(w: Watch, started: float) -> dict:
         "resets_following_host": following,
         "events": w.events_seen,
         "events_lost": w.session.events_lost(),
-        "probes_attached": {a.probe.event: a.function for a in w.plan.attached if a.symbol},
+        "probes_attached": {a.probe.event: a.function for a in w.plan.attached if a.ok},
         "probes_missing": {a.probe.event: a.reason for a in w.plan.missing},
     }
 

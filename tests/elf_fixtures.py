@@ -33,6 +33,11 @@ static inline __attribute__((always_inline)) int inlined_step(int x) {
     return counter;
 }
 
+/* One call site for the inlined body (a loop in main gets peeled: two copies, one DIE). */
+__attribute__((noinline)) int inline_host(int x) {
+    return inlined_step(x);
+}
+
 /* Called with a constant argument: GCC emits a clone (cloned_step.constprop.0). */
 __attribute__((noinline)) static int cloned_step(int x, int scale) {
     counter += x * scale;
@@ -54,7 +59,7 @@ int main(int argc, char **argv) {
     }
     for (int i = 0; i < n; i++) {
         lifecycle_step(i);
-        inlined_step(i);
+        inline_host(i);
         exported_step(i);
         cloned_step(i, 5);
     }

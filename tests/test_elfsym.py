@@ -326,3 +326,39 @@ def test_fuzz_malformed_elf(fixtures, tmp_path, data):
         elfsym.resolve(str(f), ["lifecycle_step", "main"], inline_names=["inlined_step"])
     except ElfError:
         pass
+
+
+def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures):
+    """attach_inlined: a function with no out-of-line copy is still counted, via DWARF."""
+
+    from qtrace_bpf.catalog import parse_catalog
+    from qtrace_bpf.session import Session
+
+    catalog = parse_catalog(
+        '[[probe]]\nevent = "step"\nfunctions = ["inlined_step"]\naction = "mark"\n'
+        "attach_inlined = true\n"
+        '[[probe]]\nevent = "plain"\nfunctions = ["inlined_step"]\naction = "mark"\n')
+    fx = fixtures["pie"]
+    res = elfsym.resolve(str(fx.path), ["inlined_step"], inline_names=["inlined_step"])
+    with pytest.raises(ValueError, match="entry-only"):
+        parse_catalog('[[probe]]\nevent = "x"\nfunctions = ["f"]\naction = "put"\n'
+                      "attach_inlined = true\n")
+    s = Session(catalog)
+    try:
+        plan = s.add_binary("fixture", str(fx.path), res)
+        step, plain = plan.attached
+        assert step.ok and step.symbol is None and step.inlined_offsets
+        assert not plain.ok  # without attach_inlined: reported missing, as before
+        proc = subprocess.Popen([str(fx.path), "6", "wait"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        try:
+            s.track(proc.pid, boot_done=True, vcpu_fds={})
+            release(proc)
+        finally:
+            proc.kill()
+            proc.wait()
+        counts = {k.probe: v for k, v in s.table_items("lifecycle_counts")
+                  if k.tgid == proc.pid}
+        assert counts == {0: 6}
+    finally:
+        s.close()
