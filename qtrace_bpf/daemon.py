@@ -115,12 +115,12 @@ class Daemon:
             try:
                 t = targets.open_target(pid)
             except QtraceError as exc:
-                self.session.untrack(pid)
+                self.session.forget(pid)
                 log.debug("pid=%d not adopted: %s", pid, exc)
                 return None
             live = sum(1 for v in self.vms.values() if v.exited_at is None)
             if live >= self.cfg.max_vms:
-                self.session.untrack(pid)
+                self.session.forget(pid)  # and what it counted since exec
                 self.refused += 1
                 log.warning("pid=%d vm=%s refused: max_vms=%d reached", pid, t.name,
                             self.cfg.max_vms)
@@ -130,7 +130,7 @@ class Daemon:
                         for p in self.session.binaries.values())
             plan = self.attach_binary(t.exe_path, display)
             if plan is None:
-                self.session.untrack(pid)
+                self.session.forget(pid)
                 return None
             fds = targets.vcpu_fds(pid)
             if discovered == "scan" or not self.session.is_tracked_in_kernel(pid):

@@ -366,3 +366,39 @@ def test_tls_and_basic_auth(bpf_caps, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert wait_no_leftovers() == []
+
+
+def test_max_vms_cap(tmp_path):
+    """Past max_vms a new VM is refused, counted, and gets no series."""
+    check_kvm()
+    port = free_port()
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\nmax_vms = 1\nrescan_interval = 1\n')
+    proc = subprocess.Popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "listening on" in line:
+                break
+        with VM("cap-one") as one, VM("cap-two") as two:
+            one.cmd("cont")
+            two.cmd("cont")
+            deadline = time.monotonic() + 20
+            while True:
+                m = scrape(url)
+                if samples(m, "qtrace_vms_refused_total")[0][1] >= 1:
+                    break
+                assert time.monotonic() < deadline, "no VM was refused"
+                time.sleep(0.3)
+            assert samples(m, "qtrace_tracked_vms")[0][1] == 1
+            names = {lab["vm"] for lab, _ in samples(m, "qtrace_vm_info")}
+            assert len(names & {"cap-one", "cap-two"}) == 1
+            refused = ({"cap-one", "cap-two"} - names).pop()
+            assert not samples(m, "qtrace_kvm_state_writes_total", vm=refused)
+            one.quit()
+            two.quit()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
