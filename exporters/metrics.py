@@ -35,33 +35,26 @@ class QtraceCollector:
         s = d.session
         vms = d.snapshot()
 
-        writes = CounterMetricFamily(
+        def per_vm(family: CounterMetricFamily, table: str, labels) -> CounterMetricFamily:
+            """One sample per map entry of a known VM; labels(vm, key) -> values."""
+            for k, n in s.table_items(table):
+                vm = vms.get(k.tgid)
+                if vm is not None:
+                    family.add_metric(labels(vm, k), n)
+            return family
+
+        yield per_vm(CounterMetricFamily(
             "qtrace_kvm_state_writes", "KVM state-writing ioctls QEMU made, by vCPU and phase",
-            labels=["vm", "vcpu", "ioctl", "phase"])
-        for k, n in s.table_items("write_counts"):
-            vm = vms.get(k.tgid)
-            if vm is not None:
-                writes.add_metric([vm.name, str(k.vcpu) if k.vcpu >= 0 else VM_WIDE,
-                                   ioctl_name(k.cmd), phase_name(k.phase)], n)
-        yield writes
-
-        errors = CounterMetricFamily("qtrace_kvm_ioctl_errors",
-                                     "State-writing KVM ioctls that failed (negative return)",
-                                     labels=["vm", "ioctl"])
-        for k, n in s.table_items("error_counts"):
-            vm = vms.get(k.tgid)
-            if vm is not None:
-                errors.add_metric([vm.name, ioctl_name(k.cmd)], n)
-        yield errors
-
-        lifecycle = CounterMetricFamily("qtrace_lifecycle_events",
-                                        "QEMU lifecycle functions entered (uprobes)",
-                                        labels=["vm", "event"])
-        for k, n in s.table_items("lifecycle_counts"):
-            vm = vms.get(k.tgid)
-            if vm is not None and k.probe < len(d.catalog.probes):
-                lifecycle.add_metric([vm.name, d.catalog.by_slot(k.probe).event], n)
-        yield lifecycle
+            labels=["vm", "vcpu", "ioctl", "phase"]), "write_counts",
+            lambda vm, k: [vm.name, str(k.vcpu) if k.vcpu >= 0 else VM_WIDE,
+                           ioctl_name(k.cmd), phase_name(k.phase)])
+        yield per_vm(CounterMetricFamily(
+            "qtrace_kvm_ioctl_errors", "State-writing KVM ioctls that failed (negative return)",
+            labels=["vm", "ioctl"]), "error_counts", lambda vm, k: [vm.name, ioctl_name(k.cmd)])
+        yield per_vm(CounterMetricFamily(
+            "qtrace_lifecycle_events", "QEMU lifecycle functions entered (uprobes)",
+            labels=["vm", "event"]), "lifecycle_counts",
+            lambda vm, k: [vm.name, d.catalog.by_slot(k.probe).event])
 
         resets: dict[tuple[int, str], int] = {}
         following: dict[tuple[int, str], int] = {}

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from . import elfsym, targets
@@ -52,7 +53,7 @@ class Daemon:
         self.cfg = cfg
         self.catalog = load_catalog()
         self.names = [fn for p in self.catalog.probes for fn in p.functions]
-        self._pending: list[bytes] = []
+        self._pending: deque[bytes] = deque()
         self.lock = threading.RLock()
         self.vms: dict[int, VmRecord] = {}
         self.refused = 0
@@ -195,7 +196,7 @@ class Daemon:
         while not stop.is_set():
             self.session.poll(200)
             while self._pending:
-                self._handle(self._pending.pop(0))
+                self._handle(self._pending.popleft())
             now = time.monotonic()
             if now - self._last_scan >= self.cfg.rescan_interval:
                 self.rescan()

@@ -8,7 +8,7 @@ import select
 import signal
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,7 +117,7 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
         log_stderr(f"pid {pid}: exited before tracing started")
         return 1
 
-    pending: list[bytes] = []
+    pending: deque[bytes] = deque()
     stop = {"reason": ""}
 
     def on_sigterm(_sig, _frame):
@@ -149,7 +149,7 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
 
         def flush() -> None:
             while pending:
-                ev = decoder.decode(pending.pop(0))
+                ev = decoder.decode(pending.popleft())
                 if ev["pid"] != pid:
                     continue
                 w.events_seen += 1

@@ -373,7 +373,11 @@ def test_max_vms_cap(tmp_path):
     check_kvm()
     port = free_port()
     cfg = tmp_path / "q.toml"
-    cfg.write_text(f'listen = "127.0.0.1:{port}"\nmax_vms = 1\nrescan_interval = 1\n')
+    from qtrace_bpf.targets import find_qemus
+
+    already = len(find_qemus())  # VMs already on this host take slots first
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\nmax_vms = {already + 1}\n'
+                   'rescan_interval = 1\n')
     proc = subprocess.Popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/metrics"
@@ -392,7 +396,7 @@ def test_max_vms_cap(tmp_path):
                     break
                 assert time.monotonic() < deadline, "no VM was refused"
                 time.sleep(0.3)
-            assert samples(m, "qtrace_tracked_vms")[0][1] == 1
+            assert samples(m, "qtrace_tracked_vms")[0][1] == already + 1
             names = {lab["vm"] for lab, _ in samples(m, "qtrace_vm_info")}
             assert len(names & {"cap-one", "cap-two"}) == 1
             refused = ({"cap-one", "cap-two"} - names).pop()
