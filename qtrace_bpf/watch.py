@@ -120,10 +120,14 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
     pending: deque[bytes] = deque()
     stop = {"reason": ""}
 
-    def on_sigterm(_sig, _frame):
-        stop["reason"] = "SIGTERM"
+    # Signals set a flag the loop checks.  Not KeyboardInterrupt: a signal that lands while
+    # Python runs inside BCC's ring-buffer ctypes callback raises there, and ctypes prints
+    # and swallows exceptions from callbacks, so the interrupt would be lost.
+    def on_signal(sig, _frame):
+        stop["reason"] = signal.Signals(sig).name
 
-    old_term = signal.signal(signal.SIGTERM, on_sigterm)
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM,
+                                                                    signal.SIGINT)}
     session = None
     try:
         session = Session(catalog, hook=hook, log=log_stderr, ringbuf_cb=pending.append)
@@ -156,16 +160,13 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
                 emit(json.dumps(ev) if as_json else render(ev))
 
         deadline = started + duration if duration else None
-        try:
-            while not stop["reason"]:
-                session.poll(100)
-                flush()
-                if select.select([pidfd], [], [], 0)[0]:
-                    stop["reason"] = "target exit"
-                elif deadline and time.monotonic() >= deadline:
-                    stop["reason"] = "duration"
-        except KeyboardInterrupt:
-            stop["reason"] = "SIGINT"
+        while not stop["reason"]:
+            session.poll(100)
+            flush()
+            if select.select([pidfd], [], [], 0)[0]:
+                stop["reason"] = "target exit"
+            elif deadline and time.monotonic() >= deadline:
+                stop["reason"] = "duration"
         session.drain()
         flush()
         w.stop_reason = stop["reason"]
@@ -173,8 +174,11 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
         emit(json.dumps(s) if as_json else render_summary(s))
         return 0
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        os.close(pidfd)
+        # Detach first, with our handlers still in place: a second Ctrl-C must not
+        # interrupt the detaching.
         if session is not None:
             session.close()
+        os.close(pidfd)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 

@@ -261,3 +261,21 @@ def test_every_exit_path_detaches(kvm_caps, how):
     assert events[-1]["stopped_by"] == how
     assert "Traceback" not in w.stderr
     assert wait_no_leftovers() == []
+
+
+def test_sigint_while_events_flow(kvm_caps):
+    """Ctrl-C may land inside the ring-buffer callback, or twice (an impatient operator):
+    watch must still stop, summarise and detach, every time."""
+    with VM("sigint-busy", paused=False, extra=["-boot", "reboot-timeout=0"]) as vm:
+        for delay in (0.3, 0.7, 1.1, 1.6, 2.2):
+            w = Watcher(vm.pid)
+            time.sleep(delay)
+            w.proc.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+            w.proc.send_signal(signal.SIGINT)
+            rc, events = w.wait(15)
+            assert rc == 0, w.stderr
+            assert events[-1]["kind"] == "summary" and events[-1]["stopped_by"] == "SIGINT"
+            assert "Traceback" not in w.stderr and "Exception ignored" not in w.stderr
+        assert qmp_resets(vm)["guest-reset"] >= 1  # events were flowing
+    assert wait_no_leftovers() == []
