@@ -188,19 +188,16 @@ static __always_inline void decode_msrs(struct inflight *in) {
     for (int i = 0; i < MAX_MSRS; i++) {
         if (i >= n)
             break;
-        u8 *entry = (u8 *)in->arg + 8 + i * 16;
-        u32 index = 0;
-        u64 data = 0;
-        bpf_probe_read_user(&index, sizeof(index), entry);
-        bpf_probe_read_user(&data, sizeof(data), entry + 8);
-        if (index == MSR_APIC_BASE) {
-            in->vals[V_APIC_BASE] = data;
+        struct { u32 index; u32 reserved; u64 data; } entry = {};  // struct kvm_msr_entry
+        bpf_probe_read_user(&entry, sizeof(entry), (u8 *)in->arg + 8 + i * 16);
+        if (entry.index == MSR_APIC_BASE) {
+            in->vals[V_APIC_BASE] = entry.data;
             in->have |= 1 << V_APIC_BASE;
-        } else if (index == MSR_TSC) {
-            in->vals[V_MSR_TSC] = data;
+        } else if (entry.index == MSR_TSC) {
+            in->vals[V_MSR_TSC] = entry.data;
             in->have |= 1 << V_MSR_TSC;
-        } else if (index == MSR_TSC_DEADLINE) {
-            in->vals[V_MSR_TSC_DEADLINE] = data;
+        } else if (entry.index == MSR_TSC_DEADLINE) {
+            in->vals[V_MSR_TSC_DEADLINE] = entry.data;
             in->have |= 1 << V_MSR_TSC_DEADLINE;
         }
     }

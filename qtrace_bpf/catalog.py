@@ -116,5 +116,5 @@ def load_catalog() -> Catalog:
     return parse_catalog(text)
 
 
-def bpf_source() -> str:
-    return resources.files("qtrace_bpf.probes").joinpath("qtrace.bpf.c").read_text()
+def bpf_source(name: str = "qtrace.bpf.c") -> str:
+    return resources.files("qtrace_bpf.probes").joinpath(name).read_text()

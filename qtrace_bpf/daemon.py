@@ -127,8 +127,7 @@ class Daemon:
                             self.cfg.max_vms)
                 return None
             display = t.exe.removesuffix(" (deleted)")
-            known = any(p.path == os.path.realpath(display) or p.key == display
-                        for p in self.session.binaries.values())
+            attached_before = set(self.session.binaries)
             plan = self.attach_binary(t.exe_path, display)
             if plan is None:
                 self.session.forget(pid)
@@ -138,7 +137,7 @@ class Daemon:
                 # Found after its start: counting began late (daemon restart, missed exec).
                 self.session.track(pid, boot_done=bool(fds), vcpu_fds=fds)
                 self.gaps += 1
-            elif not known and fds:
+            elif plan.key not in attached_before and fds:
                 # Its binary was attached only now: the boot windows were not observed.
                 self.session.track(pid, boot_done=True, vcpu_fds=fds)
             res = plan.resolution

@@ -217,6 +217,9 @@ class Session:
 
     def _compile_and_hook(self, text: str, mode: str):
         BPF = self.bcc.BPF
+        if mode == "fentry":
+            # Cheap question first: a refused fentry would otherwise cost a full compile.
+            BPF(text=bpf_source("fentry_check.bpf.c").encode()).cleanup()
         cflags = [f"-DQTRACE_HOOK_{mode.upper()}", "-Wno-unused-function"]
         if self.discovery:
             cflags.append("-DQTRACE_DISCOVERY")
