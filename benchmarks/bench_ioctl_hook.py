@@ -20,6 +20,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from qtrace_bpf import abi  # noqa: E402
 
 LOOP_C = r"""
 #include <fcntl.h>
@@ -73,19 +74,20 @@ def build(tmp: str) -> str:
     return exe
 
 
-def run_once(exe: str, loops: int, session=None, track: bool = False) -> list[float]:
+def run_once(exe: str, loops: int, prog=None, track: bool = False) -> list[float]:
     p = subprocess.Popen([exe, str(loops)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     assert p.stdout is not None and p.stdin is not None
     assert p.stdout.readline().strip() == "ready"
-    if track and session is not None:
-        session.track(p.pid, boot_done=True, vcpu_fds={})
+    if track and prog is not None:
+        prog.insert_proc(p.pid, abi.USER_VM_ID_BASE + p.pid, boot_done=True)
     p.stdin.write("g")
     p.stdin.close()
     out = p.stdout.readline()
     p.wait()
-    if track and session is not None:
-        session.forget(p.pid)
+    if track and prog is not None:
+        prog.delete_proc(p.pid)
+        prog.delete_vms([abi.USER_VM_ID_BASE + p.pid])
     return [float(x) for x in out.split()]
 
 
@@ -96,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from qtrace_bpf.catalog import load_catalog
-    from qtrace_bpf.session import Session
+    from qtrace_bpf.program import QtraceProgram
 
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(tmp)
@@ -105,13 +107,14 @@ def main() -> None:
         half = max(1, args.rounds // 2)
         for _ in range(half):  # baseline before loading...
             rows["no BPF"].append(run_once(exe, args.loops))
-        s = Session(load_catalog(), ringbuf_cb=lambda _d: None)
+        s = QtraceProgram(load_catalog(), write_events=True)
         try:
             hook = s.hook_mode
             for _ in range(args.rounds):  # interleaved, so drift hits both rows alike
                 rows["hook, untracked"].append(run_once(exe, args.loops, s))
                 rows["hook, tracked"].append(run_once(exe, args.loops, s, track=True))
                 s.poll(0)
+                s.events.clear()
         finally:
             s.close()
         for _ in range(args.rounds - half):  # ...and after unloading

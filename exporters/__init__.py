@@ -1,1 +1,2 @@
-"""What leaves the host: JSON-lines events (and, later, the Prometheus exporter)."""
+"""What leaves the host: the Prometheus collectors (metrics.py), the /metrics server
+(http.py), and the alert rules and Grafana dashboard that consume the metrics."""

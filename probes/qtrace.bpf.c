@@ -10,80 +10,28 @@
 // thread issues the ioctl.
 
 #include <uapi/linux/ptrace.h>
-
-#define KVMIO 0xAE
-#define KVM_CREATE_VM     0xae01
-#define KVM_CREATE_VCPU   0xae41
-#define KVM_SET_SREGS     0x4138ae84
-#define KVM_SET_SREGS2    0x4140aecd
-#define KVM_SET_MSRS      0x4008ae89
-#define KVM_SET_TSC_KHZ   0xaea2
+#include <uapi/linux/kvm.h>
+#include "qtrace.h"
 
 #define MSR_APIC_BASE     0x1b
 #define MSR_TSC           0x10
 #define MSR_TSC_DEADLINE  0x6e0
-#define SREGS_APIC_BASE_OFF 272
 #define MAX_MSRS 128
 
-// Decoded values (index into vals[] and bit in have/known/changed).
-#define V_APIC_BASE 0
-#define V_TSC_KHZ 1
-#define V_MSR_TSC 2
-#define V_MSR_TSC_DEADLINE 3
-#define NVALS 4
+// Map sizes: -D from user space (config: max_vms, vCPUs per VM); these are the defaults.
+#ifndef MAX_VMS
+#define MAX_VMS 1024
+#endif
+#ifndef MAX_VCPUS
+#define MAX_VCPUS 64
+#endif
+#define MAX_THREADS (MAX_VMS * (MAX_VCPUS + 8))
+#define MAX_VCPU_ROWS (MAX_VMS * MAX_VCPUS)
 
-enum phase { PH_BOOT = 0, PH_RESET = 1, PH_HOTPLUG = 2, PH_MIGRATION = 3, PH_RUNTIME = 4 };
-
-// What a catalog probe does (qtrace_bpf/catalog.py mirrors these numbers).
-enum action {
-    ACT_MARK = 0,             // count + event only
-    ACT_RESET = 1,            // entry: open reset window, cause = arg1; return: close
-    ACT_HOTPLUG = 2,          // entry: open hotplug window; return: close
-    ACT_MIGRATION_BEGIN = 3,  // entry: open migration window (no uretprobe: coroutine)
-    ACT_MIGRATION_END = 4,    // entry: close migration window
-    ACT_BOOT_DONE = 5,        // return: boot is over
-    ACT_PUT = 6,              // entry: this thread puts registers at level arg2; return: done
-};
-
-#define W_RESET 1
-#define W_HOTPLUG 2
-#define W_MIGRATION 4
-
-#define K_LIFECYCLE 1
-#define K_STATE_WRITE 2
-#define K_EXEC 3      // a QEMU process started (daemon discovery)
-#define K_EXIT 4      // a tracked QEMU process ended
-
-// ShutdownCause values that mean "the host asked for this reset"; a guest-reset that
-// follows one within FOLLOWUP_NS is the firmware's own reboot (SeaBIOS answers a QMP
-// system_reset with a hard reboot ~0.1 s later), counted apart so alerts can ignore it.
-#define CAUSE_HOST_ERROR 1
-#define CAUSE_HOST_QMP_SYSTEM_RESET 3
-#define CAUSE_HOST_UI 5
-#define CAUSE_GUEST_RESET 7
-#define FOLLOWUP_NS 2000000000ULL
-#define FOLLOWUP_FLAG 0x100   // reset_counts key: cause | FOLLOWUP_FLAG
-
-struct proc_state {
-    u32 boot_done;
-    u32 windows;
-    u32 cause;
-    u32 pad;
-    u64 last_host_reset_ns;
-};
-
-struct probe_cfg {
-    u32 action;
-    u32 pad;
-};
-
-struct fd_key {
-    u32 tgid;
-    u32 fd;
-};
-
+// A watched ioctl between syscall entry and exit (internal: user space never reads it).
 struct inflight {
     u64 arg;
+    u32 vm;
     u32 fd;
     u32 cmd;
     s32 vcpu;
@@ -91,78 +39,39 @@ struct inflight {
     u32 cause;
     u32 level;
     u32 have;
-    u32 pad;
     u64 vals[NVALS];
 };
 
-struct val_key {
-    u32 tgid;
-    s32 vcpu;
-    u32 which;
-};
-
-struct count_key {
-    u32 tgid;
-    s32 vcpu;
-    u32 cmd;
-    u32 phase;
-};
-
-struct err_key {
-    u32 tgid;
-    u32 cmd;
-};
-
-struct lc_key {
-    u32 tgid;
-    u32 probe;
-};
-
-struct reset_key {
-    u32 tgid;
-    u32 cause;
-};
-
-struct event {
-    u64 ts;
-    u32 tgid;
-    u32 tid;
-    u32 kind;
-    u32 id;        // probe id (lifecycle) or ioctl cmd (state write)
-    s32 vcpu;
-    u32 phase;
-    u32 cause;
-    u32 level;
-    s64 ret;
-    u64 arg1;
-    u64 arg2;
-    u32 fd;
-    u32 have;
-    u32 known;
-    u32 changed;
-    u64 vals[NVALS];
-};
-
-// Tracked QEMU processes (the BPF-side pid filter) and their phase windows.
-BPF_HASH(procs, u32, struct proc_state, 4096);
-BPF_ARRAY(probe_cfg, struct probe_cfg, 64);
-BPF_HASH(watched, u32, u32, 256);                    // ioctl cmd -> 1: state writes
-BPF_HASH(thread_level, u32, u32, 16384);             // tid -> put level in progress
-BPF_HASH(vcpu_fds, struct fd_key, s32, 16384);       // vCPU fd -> vCPU id
-BPF_HASH(inflight, u32, struct inflight, 16384);     // tid -> watched ioctl in progress
-BPF_HASH(last_val, struct val_key, u64, 65536);      // last value QEMU wrote per vCPU
-BPF_HASH(write_counts, struct count_key, u64, 65536);
-BPF_HASH(error_counts, struct err_key, u64, 16384);
-BPF_HASH(lifecycle_counts, struct lc_key, u64, 16384);
-BPF_HASH(reset_counts, struct reset_key, u64, 16384);
-BPF_ARRAY(stats, u64, 4);                            // [0] ring buffer events lost
+// Tracked QEMU processes (the BPF-side pid filter), their VM id and phase windows.
+BPF_HASH(procs, u32, struct proc_state, MAX_VMS * 2);
+BPF_ARRAY(probe_cfg, struct probe_cfg, MAX_SLOTS);
+BPF_HASH(watched, u32, u32, 256);                                // ioctl cmd -> 1
+BPF_HASH(thread_level, u32, u32, MAX_THREADS);                   // tid -> put level
+BPF_HASH(inflight, u32, struct inflight, MAX_THREADS);           // tid -> ioctl in flight
+BPF_F_TABLE("hash", struct vcpu_key, s32, vcpu_fds, MAX_VCPU_ROWS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct val_key, u64, last_val, MAX_VCPU_ROWS * NVALS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct count_key, u64, write_counts, MAX_VCPU_ROWS * 48, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct err_key, u64, error_counts, MAX_VMS * 32, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct lc_key, u64, lifecycle_counts, MAX_VMS * MAX_SLOTS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct reset_key, u64, reset_counts, MAX_VMS * NCAUSES * 2, BPF_F_NO_PREALLOC);
+BPF_ARRAY(update_failed, u64, NMAPS);                            // M_* -> failed inserts
+BPF_ARRAY(events_lost, u64, 1);
+BPF_PERCPU_ARRAY(next_vm, u32, 1);                               // VM ids, per CPU
 BPF_RINGBUF_OUTPUT(events, 64);
 
-static __always_inline void lost_event(void) {
-    u32 zero = 0;
-    u64 *lost = stats.lookup(&zero);
-    if (lost)
-        __sync_fetch_and_add(lost, 1);
+// An insert that a full map refused is counted, never silent.
+static __always_inline void failed(u32 map_id) {
+    u64 *n = update_failed.lookup(&map_id);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+// Counters: lookup_or_try_init gives NULL only when the map is full.
+static __always_inline void count_or_fail(u64 *n, u32 map_id) {
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    else
+        failed(map_id);
 }
 
 static __always_inline u32 phase_of(struct proc_state *ps, u32 *cause) {
@@ -188,8 +97,9 @@ static __always_inline void decode_msrs(struct inflight *in) {
     for (int i = 0; i < MAX_MSRS; i++) {
         if (i >= n)
             break;
-        struct { u32 index; u32 reserved; u64 data; } entry = {};  // struct kvm_msr_entry
-        bpf_probe_read_user(&entry, sizeof(entry), (u8 *)in->arg + 8 + i * 16);
+        struct kvm_msr_entry entry = {};
+        bpf_probe_read_user(&entry, sizeof(entry),
+                            (u8 *)in->arg + sizeof(struct kvm_msrs) + i * sizeof(entry));
         if (entry.index == MSR_APIC_BASE) {
             in->vals[V_APIC_BASE] = entry.data;
             in->have |= 1 << V_APIC_BASE;
@@ -203,30 +113,56 @@ static __always_inline void decode_msrs(struct inflight *in) {
     }
 }
 
-// A zeroed event with its header filled, or NULL (counted as lost) when the ring is full.
-static __always_inline struct event *new_event(u32 kind, u32 tgid, u32 tid) {
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        lost_event();
-        return 0;
-    }
+// Events are built on the stack and copied with ringbuf_output, so that BCC records
+// `struct event` as the ring buffer's type: user space takes the layout from it.
+static __always_inline void init_event(struct event *e, u32 kind, u32 vm, u32 tgid, u32 tid) {
     __builtin_memset(e, 0, sizeof(*e));
     e->ts = bpf_ktime_get_ns();
     e->tgid = tgid;
     e->tid = tid;
+    e->vm = vm;
     e->kind = kind;
     e->vcpu = -1;
-    return e;
 }
 
-static __always_inline void emit_simple(u32 kind, u32 tgid, u32 tid) {
-    struct event *e = new_event(kind, tgid, tid);
-    if (e)
-        events.ringbuf_submit(e, 0);
+static __always_inline void submit(struct event *e) {
+    if (events.ringbuf_output(e, sizeof(*e), 0) < 0) {
+        u32 zero = 0;
+        u64 *lost = events_lost.lookup(&zero);
+        if (lost)
+            __sync_fetch_and_add(lost, 1);
+    }
 }
+
+static __always_inline void emit_simple(u32 kind, u32 vm, u32 tgid, u32 tid) {
+    struct event e;
+    init_event(&e, kind, vm, tgid, tid);
+    submit(&e);
+}
+
+#ifdef QTRACE_DISCOVERY
+// Start tracking a QEMU process under a new kernel-numbered VM id; exec resets its state
+// (windows, vCPU fds and last values belong to the old id).
+static __always_inline void track_new(u32 tgid, u32 tid) {
+    // id = (this CPU's exec count << 10) | CPU: unique without atomics (this LLVM cannot
+    // use fetch-and-add's result); 2^21 execs per CPU before an id (long forgotten) repeats.
+    u32 zero = 0;
+    u32 *next = next_vm.lookup(&zero);
+    if (!next)
+        return;
+    *next += 1;
+    struct proc_state st = {};
+    st.vm = ((*next << 10) | (bpf_get_smp_processor_id() & 0x3ff)) & (USER_VM_ID_BASE - 1);
+    if (st.vm < 1024)
+        st.vm |= 1 << 30;  // wrapped: stay clear of 0 and CPU-only values
+    if (procs.update(&tgid, &st) < 0)
+        failed(M_PROCS);
+    emit_simple(K_EXEC, st.vm, tgid, tid);
+}
+#endif
 
 static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
-    if (((cmd >> 8) & 0xff) != KVMIO)
+    if (_IOC_TYPE(cmd) != KVMIO)
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
@@ -234,9 +170,7 @@ static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
 #ifdef QTRACE_DISCOVERY
     if (!ps && cmd == KVM_CREATE_VM) {
         // A VMM that exec discovery did not recognise: track it from its first VM.
-        struct proc_state st = {};
-        procs.update(&tgid, &st);
-        emit_simple(K_EXEC, tgid, tid);
+        track_new(tgid, tid);
         return 0;
     }
 #endif
@@ -247,17 +181,20 @@ static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
 
     struct inflight in = {};
     in.arg = arg;
+    in.vm = ps->vm;
     in.fd = fd;
     in.cmd = cmd;
-    struct fd_key fk = {.tgid = tgid, .fd = fd};
-    s32 *vcpu = vcpu_fds.lookup(&fk);
+    struct vcpu_key vk = {.vm = ps->vm, .fd = fd};
+    s32 *vcpu = vcpu_fds.lookup(&vk);
     in.vcpu = vcpu ? *vcpu : -1;
     in.phase = phase_of(ps, &in.cause);
     u32 *level = thread_level.lookup(&tid);
     in.level = level ? *level : 0;
 
     if (cmd == KVM_SET_SREGS || cmd == KVM_SET_SREGS2) {
-        bpf_probe_read_user(&in.vals[V_APIC_BASE], 8, (void *)(arg + SREGS_APIC_BASE_OFF));
+        // apic_base sits at the same offset in struct kvm_sregs and kvm_sregs2
+        bpf_probe_read_user(&in.vals[V_APIC_BASE], 8,
+                            (void *)(arg + offsetof(struct kvm_sregs, apic_base)));
         in.have |= 1 << V_APIC_BASE;
     } else if (cmd == KVM_SET_TSC_KHZ) {
         in.vals[V_TSC_KHZ] = arg;
@@ -265,7 +202,8 @@ static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
     } else if (cmd == KVM_SET_MSRS) {
         decode_msrs(&in);
     }
-    inflight.update(&tid, &in);
+    if (inflight.update(&tid, &in) < 0)
+        failed(M_INFLIGHT);
     return 0;
 }
 
@@ -277,51 +215,56 @@ static __always_inline int ioctl_exit(s64 ret) {
         return 0;
     struct inflight in = *p;
     inflight.delete(&tid);
+    u64 zero64 = 0;
 
     u32 known = 0, changed = 0;
     if (ret < 0) {
-        struct err_key ek = {.tgid = tgid, .cmd = in.cmd};
-        error_counts.atomic_increment(ek);
+        struct err_key ek = {.vm = in.vm, .cmd = in.cmd};
+        count_or_fail(error_counts.lookup_or_try_init(&ek, &zero64), M_ERROR_COUNTS);
     } else {
         if (in.cmd == KVM_CREATE_VCPU) {
-            struct fd_key fk = {.tgid = tgid, .fd = (u32)ret};
+            struct vcpu_key vk = {.vm = in.vm, .fd = (u32)ret};
             s32 id = (s32)in.arg;
-            vcpu_fds.update(&fk, &id);
+            if (vcpu_fds.update(&vk, &id) < 0)
+                failed(M_VCPU_FDS);
             in.vcpu = id;
         }
-        struct count_key ck = {.tgid = tgid, .vcpu = in.vcpu, .cmd = in.cmd, .phase = in.phase};
-        write_counts.atomic_increment(ck);
+        struct count_key ck = {.vm = in.vm, .vcpu = in.vcpu, .cmd = in.cmd, .phase = in.phase};
+        count_or_fail(write_counts.lookup_or_try_init(&ck, &zero64), M_WRITE_COUNTS);
         for (int i = 0; i < NVALS; i++) {
             if (!(in.have & (1 << i)))
                 continue;
-            struct val_key vk = {.tgid = tgid, .vcpu = in.vcpu, .which = i};
+            struct val_key vk = {.vm = in.vm, .vcpu = in.vcpu, .which = i};
             u64 *prev = last_val.lookup(&vk);
             if (prev) {
                 known |= 1 << i;
                 if (*prev != in.vals[i])
                     changed |= 1 << i;
             }
-            last_val.update(&vk, &in.vals[i]);
+            if (last_val.update(&vk, &in.vals[i]) < 0)
+                failed(M_LAST_VAL);
         }
     }
 
-    struct event *e = new_event(K_STATE_WRITE, tgid, tid);
-    if (!e)
-        return 0;
-    e->id = in.cmd;
-    e->vcpu = in.vcpu;
-    e->phase = in.phase;
-    e->cause = in.cause;
-    e->level = in.level;
-    e->ret = ret;
-    e->arg1 = in.arg;
-    e->fd = in.fd;
-    e->have = in.have;
-    e->known = known;
-    e->changed = changed;
+#ifdef QTRACE_WRITE_EVENTS
+    // watch: every write is an event.  The daemon counts in maps only.
+    struct event e;
+    init_event(&e, K_STATE_WRITE, in.vm, tgid, tid);
+    e.id = in.cmd;
+    e.vcpu = in.vcpu;
+    e.phase = in.phase;
+    e.cause = in.cause;
+    e.level = in.level;
+    e.ret = ret;
+    e.arg1 = in.arg;
+    e.fd = in.fd;
+    e.have = in.have;
+    e.known = known;
+    e.changed = changed;
     for (int i = 0; i < NVALS; i++)
-        e->vals[i] = in.vals[i];
-    events.ringbuf_submit(e, 0);
+        e.vals[i] = in.vals[i];
+    submit(&e);
+#endif
     return 0;
 }
 
@@ -390,15 +333,14 @@ int kretp_kvm_ioctl(struct pt_regs *ctx) {
 
 static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct proc_state *ps,
                                            u64 arg1, u64 arg2, u32 level) {
-    struct event *e = new_event(K_LIFECYCLE, tgid, tid);
-    if (!e)
-        return;
-    e->id = id;
-    e->phase = phase_of(ps, &e->cause);
-    e->level = level;
-    e->arg1 = arg1;
-    e->arg2 = arg2;
-    events.ringbuf_submit(e, 0);
+    struct event e;
+    init_event(&e, K_LIFECYCLE, ps->vm, tgid, tid);
+    e.id = id;
+    e.phase = phase_of(ps, &e.cause);
+    e.level = level;
+    e.arg1 = arg1;
+    e.arg2 = arg2;
+    submit(&e);
 }
 
 static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) {
@@ -411,6 +353,7 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
     if (!cfg)
         return 0;
     u32 action = cfg->action;
+    u64 zero64 = 0;
 
     if (is_return) {
         if (action == ACT_RESET)
@@ -433,15 +376,15 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
         if (ps->boot_done) {
             // Boot-time reset (cause none) is part of boot; QMP emits no RESET for it.
             u64 now = bpf_ktime_get_ns();
-            struct reset_key rk = {.tgid = tgid, .cause = cause};
-            reset_counts.atomic_increment(rk);
+            struct reset_key rk = {.vm = ps->vm, .cause = cause};
+            count_or_fail(reset_counts.lookup_or_try_init(&rk, &zero64), M_RESET_COUNTS);
             if (cause == CAUSE_HOST_QMP_SYSTEM_RESET || cause == CAUSE_HOST_UI ||
                 cause == CAUSE_HOST_ERROR) {
                 ps->last_host_reset_ns = now;
             } else if (cause == CAUSE_GUEST_RESET && ps->last_host_reset_ns &&
                        now - ps->last_host_reset_ns < FOLLOWUP_NS) {
-                struct reset_key fk = {.tgid = tgid, .cause = cause | FOLLOWUP_FLAG};
-                reset_counts.atomic_increment(fk);
+                struct reset_key fk = {.vm = ps->vm, .cause = cause | FOLLOWUP_FLAG};
+                count_or_fail(reset_counts.lookup_or_try_init(&fk, &zero64), M_RESET_COUNTS);
                 ps->last_host_reset_ns = 0;
             }
         }
@@ -453,11 +396,12 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
         ps->windows &= ~W_MIGRATION;
     } else if (action == ACT_PUT) {
         level = (u32)arg2;
-        thread_level.update(&tid, &level);
+        if (thread_level.update(&tid, &level) < 0)
+            failed(M_THREAD_LEVEL);
     }
 
-    struct lc_key lk = {.tgid = tgid, .probe = id};
-    lifecycle_counts.atomic_increment(lk);
+    struct lc_key lk = {.vm = ps->vm, .probe = id};
+    count_or_fail(lifecycle_counts.lookup_or_try_init(&lk, &zero64), M_LIFECYCLE_COUNTS);
     emit_lifecycle(tgid, tid, id, ps, arg1, arg2, level);
     return 0;
 }
@@ -483,10 +427,7 @@ int tp_sched_exec(void *ctx) {
     if (!is_qemu_comm(comm))
         return 0;
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    struct proc_state st = {};
-    procs.update(&tgid, &st);
-    emit_simple(K_EXEC, tgid, (u32)pid_tgid);
+    track_new(pid_tgid >> 32, (u32)pid_tgid);
     return 0;
 }
 
@@ -495,10 +436,12 @@ int tp_sched_exit(void *ctx) {
     u32 tgid = pid_tgid >> 32;
     if ((u32)pid_tgid != tgid)
         return 0;  // a thread, not the process
-    if (!procs.lookup(&tgid))
+    struct proc_state *ps = procs.lookup(&tgid);
+    if (!ps)
         return 0;
+    u32 vm = ps->vm;
     procs.delete(&tgid);
-    emit_simple(K_EXIT, tgid, tgid);
+    emit_simple(K_EXIT, vm, tgid, tgid);
     return 0;
 }
 #endif

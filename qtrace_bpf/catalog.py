@@ -1,7 +1,7 @@
 """The probe catalog (probes/catalog.toml) as typed data.
 
 The catalog, not the code, says which QEMU function means which event; the BPF side
-only knows a handful of actions, mirrored here by number.
+only knows a handful of actions (enum action in probes/qtrace.h, read through abi).
 """
 
 from __future__ import annotations
@@ -10,20 +10,11 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 
-# Numbers shared with `enum action` in probes/qtrace.bpf.c.
-ACTIONS = {
-    "mark": 0,
-    "reset": 1,
-    "hotplug": 2,
-    "migration_begin": 3,
-    "migration_end": 4,
-    "boot_done": 5,
-    "put": 6,
-}
+from . import abi
+
 # Actions whose window closes at function return (uretprobe). Never for functions that
 # may run in a coroutine (qemu_loadvm_state): a uretprobe there can kill QEMU.
 RETURN_ACTIONS = {"reset", "hotplug", "boot_done", "put"}
-MAX_SLOTS = 32  # SLOT(0..31) in qtrace.bpf.c
 
 
 @dataclass(frozen=True)
@@ -35,15 +26,13 @@ class Probe:
     what: str = ""
     arg1: str | None = None
     arg2: str | None = None
-    needs_debuginfo: tuple[str, ...] = ()
     inlined: tuple[str, ...] = ()
-    versions: str = ""
     since: str = ""  # first QEMU version that has the function
     attach_inlined: bool = False  # also probe inlined instances found in DWARF
 
     @property
     def action_id(self) -> int:
-        return ACTIONS[self.action]
+        return abi.ACTIONS[self.action]
 
     @property
     def has_return(self) -> bool:
@@ -53,6 +42,11 @@ class Probe:
 @dataclass(frozen=True)
 class Catalog:
     probes: tuple[Probe, ...] = field(default_factory=tuple)
+
+    @property
+    def functions(self) -> list[str]:
+        """Every function any probe may use (what the resolver looks up)."""
+        return [fn for p in self.probes for fn in p.functions]
 
     def by_slot(self, slot: int) -> Probe:
         return self.probes[slot]
@@ -85,7 +79,7 @@ def parse_catalog(text: str) -> Catalog:
     data = tomllib.loads(text)
     probes = []
     for slot, raw in enumerate(data.get("probe", [])):
-        if raw["action"] not in ACTIONS:
+        if raw["action"] not in abi.ACTIONS:
             raise ValueError(f"catalog: {raw['event']}: unknown action {raw['action']!r}")
         if raw.get("attach_inlined") and raw["action"] in RETURN_ACTIONS:
             raise ValueError(f"catalog: {raw['event']}: attach_inlined needs an entry-only "
@@ -99,15 +93,14 @@ def parse_catalog(text: str) -> Catalog:
                 what=raw.get("what", ""),
                 arg1=raw.get("arg1"),
                 arg2=raw.get("arg2"),
-                needs_debuginfo=tuple(raw.get("needs_debuginfo", ())),
                 inlined=tuple(raw.get("inlined", ())),
-                versions=raw.get("versions", ""),
                 since=raw.get("since", ""),
                 attach_inlined=bool(raw.get("attach_inlined", False)),
             )
         )
-    if len(probes) > MAX_SLOTS:
-        raise ValueError(f"catalog: {len(probes)} probes, the BPF program has {MAX_SLOTS} slots")
+    if len(probes) > abi.MAX_SLOTS:
+        raise ValueError(f"catalog: {len(probes)} probes, the BPF program has {abi.MAX_SLOTS} "
+                         "slots")
     return Catalog(tuple(probes))
 
 

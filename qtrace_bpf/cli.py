@@ -7,10 +7,11 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, hooks
+from .elfsym import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
 
-HOOK_CHOICE = click.Choice(["auto", "fentry", "kprobe", "tracepoint"])
+HOOK_CHOICE = click.Choice(["auto", *hooks.MODES])
 
 
 class _Group(click.Group):
@@ -69,7 +70,7 @@ def watch(pid: int, as_json: bool, duration: float | None, hook: str,
     """
     from .watch import run_watch
 
-    roots = debug_roots or ("/usr/lib/debug",)
+    roots = debug_roots or DEFAULT_DEBUG_ROOTS
     sys.exit(run_watch(pid, as_json=as_json, duration=duration,
                        hook=None if hook == "auto" else hook, debug_roots=roots))
 
@@ -93,7 +94,7 @@ def symbols(binary: str | None, pid: int | None, as_json: bool,
 
     if (binary is None) == (pid is None):
         raise click.UsageError("give either BINARY or --pid PID")
-    run_symbols(binary, pid, as_json, debug_roots or ("/usr/lib/debug",))
+    run_symbols(binary, pid, as_json, debug_roots or DEFAULT_DEBUG_ROOTS)
 
 
 @main.command()

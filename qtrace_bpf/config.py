@@ -5,7 +5,9 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
+from .elfsym import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
+from .hooks import MODES
 
 DEFAULT_PORT = 10471  # outside 9100-9999, which Prometheus' exporter registry has allocated
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
@@ -16,13 +18,14 @@ class Config:
     listen: str = DEFAULT_LISTEN
     log_level: str = "info"
     kernel_hook: str = "auto"
-    debug_roots: tuple[str, ...] = ("/usr/lib/debug",)
+    debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS
     # Attached at start, before any VM exists, so a VM started later is traced from exec.
     qemu_binaries: tuple[str, ...] = ("/usr/bin/qemu-system-*", "/usr/libexec/qemu-kvm",
                                       "/usr/local/bin/qemu-system-*")
     grace_period: float = 300.0  # seconds a VM's series outlive the VM
     rescan_interval: float = 30.0  # safety net behind exec/exit discovery
     max_vms: int = 1024  # VMs tracked at once; more are refused (and counted)
+    max_vcpus_per_vm: int = 64  # with max_vms, sizes the BPF maps at load
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -69,8 +72,8 @@ def load_config(path: str | None, **overrides: object) -> Config:
             raise QtraceError(f"config {path}: {exc}") from None
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     parse_listen(cfg.listen)
-    if cfg.kernel_hook not in ("auto", "fentry", "kprobe", "tracepoint"):
-        raise QtraceError(f"kernel_hook {cfg.kernel_hook!r}: auto, fentry, kprobe or tracepoint")
+    if cfg.kernel_hook not in ("auto", *MODES):
+        raise QtraceError(f"kernel_hook {cfg.kernel_hook!r}: one of auto, {', '.join(MODES)}")
     if bool(cfg.tls_cert_file) != bool(cfg.tls_key_file):
         raise QtraceError("tls: cert_file and key_file go together")
     return cfg

@@ -1,20 +1,21 @@
-"""`qprobe doctor`: what this host supports, and which kernel hook a session would use."""
+"""`qprobe doctor`: what this host supports, and which kernel hook qprobe would use."""
 
 from __future__ import annotations
 
 import os
 import shutil
 
-from . import hooks
+from . import hooks, program
 from .errors import QtraceError
 
 
-def _bcc_status() -> tuple[bool, str]:
+def _passes(check, ok: str) -> tuple[bool, str]:
+    """(True, ok) when the check passes, else (False, its error message)."""
     try:
-        import bcc  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return False, "missing: apt-get install python3-bpfcc (and a --system-site-packages venv)"
-    return True, "python3-bpfcc importable"
+        check()
+    except QtraceError as exc:
+        return False, str(exc)
+    return True, ok
 
 
 def run_doctor() -> dict:
@@ -23,13 +24,11 @@ def run_doctor() -> dict:
     def add(name: str, ok: bool, detail: str) -> None:
         checks[name] = {"ok": ok, "detail": detail}
 
-    add("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0 else
-        "not root: BPF needs root or CAP_BPF+CAP_PERFMON+CAP_SYS_PTRACE")
-    add("bcc", *_bcc_status())
-    build = f"/lib/modules/{os.uname().release}/build"
-    add("kernel_headers", os.path.exists(build),
-        f"{build} -> {os.path.realpath(build)}" if os.path.exists(build) else
-        f"{build} missing (scripts/setup.sh links Debian's linux-headers-amd64)")
+    add("root", *_passes(program.check_privileges, "running as root"))
+    add("bcc", *_passes(program.import_bcc, "python3-bpfcc importable"))
+    build = program.kernel_headers_dir()
+    add("kernel_headers", *_passes(program.check_kernel_headers,
+                                   f"{build} -> {os.path.realpath(build)}"))
     add("btf", os.path.exists("/sys/kernel/btf/vmlinux"), "/sys/kernel/btf/vmlinux")
     root = hooks.tracefs_root()
     add("tracefs", root is not None, root or "not mounted")
@@ -45,17 +44,16 @@ def run_doctor() -> dict:
     if checks["root"]["ok"] and checks["bcc"]["ok"] and checks["kernel_headers"]["ok"]:
         # The real answer: compile and try each hook, as a watch session would.
         from .catalog import load_catalog
-        from .session import Session
+        from .program import QtraceProgram
 
         try:
-            s = Session(load_catalog())
-            chosen = s.hook_mode
-            for mode, why in s.refusals.items():
-                hook_report[mode] = {"usable": False, "reason": why}
+            with QtraceProgram(load_catalog()) as prog:
+                chosen = prog.hook_mode
+                for mode, why in prog.refusals.items():
+                    hook_report[mode] = {"usable": False, "reason": why}
             hook_report[chosen] = {"usable": True, "reason": hook_report[chosen]["reason"]}
-            s.close()
         except QtraceError as exc:
-            add("session", False, str(exc))
+            add("program", False, str(exc))
     ready = chosen is not None and checks["uprobes"]["ok"]
     return {"checks": checks, "kernel_hooks": hook_report, "kernel_hook": chosen,
             "kernel": os.uname().release, "ready": ready}

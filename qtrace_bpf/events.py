@@ -1,66 +1,41 @@
-"""Ring-buffer records -> event dicts (the JSON contract) and their one-line rendering."""
+"""Ring-buffer events (struct event, as BCC compiled it) -> the JSON contract, and its one-line
+rendering.  Numbers are named by decoders.py; nothing here knows the struct's layout."""
 
 from __future__ import annotations
 
-import ctypes as ct
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from . import abi, decoders
 from .catalog import Catalog
-from .kvm_ioctls import ioctl_name
-from .qemu_abi import PUT_LEVELS, cause_name
-
-PHASES = ("boot", "reset", "hotplug", "migration", "runtime")
-K_LIFECYCLE, K_STATE_WRITE, K_EXEC, K_EXIT = 1, 2, 3, 4
-FOLLOWUP_FLAG = 0x100  # reset_counts: a guest reset right after a host-requested one
-# Decoded values, in the order of vals[] in qtrace.bpf.c.
-VALUES = ("apic_base", "tsc_khz", "msr_tsc", "msr_tsc_deadline")
-
-
-class RawEvent(ct.Structure):
-    """Mirror of `struct event` in probes/qtrace.bpf.c."""
-
-    _fields_ = [
-        ("ts", ct.c_uint64), ("tgid", ct.c_uint32), ("tid", ct.c_uint32),
-        ("kind", ct.c_uint32), ("id", ct.c_uint32), ("vcpu", ct.c_int32),
-        ("phase", ct.c_uint32), ("cause", ct.c_uint32), ("level", ct.c_uint32),
-        ("ret", ct.c_int64), ("arg1", ct.c_uint64), ("arg2", ct.c_uint64),
-        ("fd", ct.c_uint32), ("have", ct.c_uint32), ("known", ct.c_uint32),
-        ("changed", ct.c_uint32), ("vals", ct.c_uint64 * 4),
-    ]
-
-
-def phase_name(value: int) -> str:
-    return PHASES[value] if 0 <= value < len(PHASES) else f"phase-{value}"
+from .decoders import PUT_LEVELS
 
 
 @dataclass
 class Decoder:
-    """Turns raw records into contract dicts for one host (VM names by pid)."""
+    """Turns ring-buffer events into contract dicts (VM names from the tracker)."""
 
     catalog: Catalog
-    vm_names: dict[int, str]
-    qemu_versions: dict[int, str | None]
-    functions: dict[int, str]  # probe slot -> the function attached for it
+    vm_name: Callable[[int, int], str]  # (vm id, pid) -> the `vm` label
+    functions: Callable[[int], dict[int, str]]  # vm id -> {catalog slot: function probed}
     # CLOCK_MONOTONIC (bpf_ktime_get_ns) -> wall clock
-    _offset: float = time.time() - time.monotonic()
+    _offset: float = field(default_factory=lambda: time.time() - time.monotonic())
 
-    def decode(self, data: bytes) -> dict:
-        raw = RawEvent.from_buffer_copy(data[: ct.sizeof(RawEvent)])
-        version = self.qemu_versions.get(raw.tgid)
+    def decode(self, raw) -> dict:
         ev: dict = {
             "ts": round(raw.ts / 1e9 + self._offset, 6),
-            "vm": self.vm_names.get(raw.tgid, f"pid-{raw.tgid}"),
+            "vm": self.vm_name(raw.vm, raw.tgid),
             "pid": raw.tgid,
             "tid": raw.tid,
-            "vcpu": raw.vcpu if raw.vcpu >= 0 else None,
-            "kind": "state_write" if raw.kind == K_STATE_WRITE else "lifecycle",
-            "phase": phase_name(raw.phase),
+            "vcpu": decoders.vcpu(raw.vcpu),
+            "kind": abi.KINDS.get(raw.kind, f"kind-{raw.kind}"),
+            "phase": decoders.phase(raw.phase),
         }
-        if raw.phase == 1:
-            ev["cause"] = cause_name(raw.cause, version)
-        if raw.kind == K_STATE_WRITE:
-            ev["event"] = ioctl_name(raw.id)
+        if raw.phase == abi.PH_RESET:
+            ev["cause"] = decoders.cause(raw.cause)
+        if raw.kind == abi.K_STATE_WRITE:
+            ev["event"] = decoders.ioctl(raw.id)
             ev["ioctl"] = f"{raw.id:#x}"
             ev["fd"] = raw.fd
             ev["ret"] = raw.ret
@@ -70,18 +45,18 @@ class Decoder:
                 ev["level"] = raw.level
             if ev["event"] == "KVM_CREATE_VCPU":
                 ev["vcpu"] = int(raw.arg1)
-            for i, name in enumerate(VALUES):
+            for i, name in enumerate(abi.VALUES):
                 if raw.have & (1 << i):
                     val = int(raw.vals[i])
                     ev[name] = val if name == "tsc_khz" else f"{val:#x}"
                     ev[f"{name}_changed"] = bool(raw.changed & (1 << i)) \
                         if raw.known & (1 << i) else None
-        else:
+        elif raw.kind == abi.K_LIFECYCLE:
             probe = self.catalog.by_slot(raw.id)
             ev["event"] = probe.event
-            ev["function"] = self.functions.get(raw.id, probe.functions[0])
+            ev["function"] = self.functions(raw.vm).get(raw.id, probe.functions[0])
             if probe.arg1 == "shutdown_cause":
-                ev["cause"] = cause_name(int(raw.arg1), version)
+                ev["cause"] = decoders.cause(int(raw.arg1))
             if probe.arg2 == "level":
                 ev["level"] = int(raw.arg2)
             elif probe.arg2 == "hex":
@@ -107,7 +82,7 @@ def render(ev: dict) -> str:
         name = f"[{ev['event']}]"
     else:
         name = ev["event"]
-        for key in VALUES:
+        for key in abi.VALUES:
             if key in ev:
                 ch = ev.get(f"{key}_changed")
                 mark = "" if ch is None else (" changed" if ch else " unchanged")

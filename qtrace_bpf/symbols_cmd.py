@@ -7,16 +7,15 @@ import os
 
 import click
 
-from . import elfsym, targets
+from . import binaries, targets
+from .binaries import plan_probes
 from .catalog import load_catalog
 from .errors import QtraceError
-from .session import plan_probes
 
 
 def symbols_report(binary: str | None, pid: int | None,
                    debug_roots: tuple[str, ...]) -> dict:
     catalog = load_catalog()
-    names = [fn for p in catalog.probes for fn in p.functions]
     if pid is not None:
         t = targets.open_target(pid)
         path, display = t.exe_path, t.exe
@@ -29,8 +28,7 @@ def symbols_report(binary: str | None, pid: int | None,
         except PermissionError:
             raise QtraceError(f"{binary}: permission denied") from None
         path = display = binary
-    res = elfsym.resolve(path, names, debug_roots=debug_roots,
-                         display=display.removesuffix(" (deleted)"), inline_names=names)
+    res = binaries.resolve(catalog, path, display.removesuffix(" (deleted)"), debug_roots)
     events = []
     for att in plan_probes(catalog, res):
         row: dict = {"event": att.probe.event, "resolved": att.ok,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import QtraceError
 
@@ -23,11 +23,6 @@ class Target:
     exe_path: str  # a path that opens the mapped binary: /proc/PID/exe
     name: str  # vm label: -name guest=NAME, -name NAME, else pid-PID
     uuid: str
-    cmdline: list[str] = field(default_factory=list)
-
-    @property
-    def deleted(self) -> bool:
-        return self.exe.endswith(" (deleted)")
 
 
 def _unescape_opt(value: str) -> str:
@@ -93,7 +88,7 @@ def open_target(pid: int) -> Target:
     if not is_qemu_exe(exe):
         raise QtraceError(f"pid {pid}: not a QEMU process (exe is {exe})")
     name = parse_name(argv) or f"pid-{pid}"
-    return Target(pid, exe, f"/proc/{pid}/exe", sanitize_label(name), parse_uuid(argv), argv)
+    return Target(pid, exe, f"/proc/{pid}/exe", sanitize_label(name), parse_uuid(argv))
 
 
 def vcpu_fds(pid: int) -> dict[int, int]:
@@ -114,15 +109,28 @@ def vcpu_fds(pid: int) -> dict[int, int]:
     return out
 
 
-def find_qemus() -> list[int]:
-    pids = []
+def start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, names a process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        raise QtraceError(f"pid {pid}: no such process") from None
+    except OSError as exc:
+        raise QtraceError(f"pid {pid}: cannot read /proc/{pid}/stat: {exc.strerror}") from None
+    # comm (field 2) may hold spaces and parentheses: count from the last ')'
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def running_qemus() -> dict[int, int]:
+    """pid -> start time of every QEMU process now."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            exe = os.readlink(f"/proc/{entry}/exe")
-        except OSError:
+            if is_qemu_exe(os.readlink(f"/proc/{entry}/exe")):
+                out[int(entry)] = start_time(int(entry))
+        except (OSError, QtraceError):
             continue
-        if is_qemu_exe(exe):
-            pids.append(int(entry))
-    return sorted(pids)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -46,7 +47,7 @@ class VM:
         self.log_path = os.path.join(self.dir, "qemu.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.qmp: QEMUMonitorProtocol | None = None
         self.events: list[dict] = []
         try:
@@ -64,6 +65,7 @@ class VM:
             if time.monotonic() > deadline:
                 raise QtraceError("QEMU did not open its QMP socket")
             time.sleep(0.02)
+        _ = self.pid  # known from now on: close() kills QEMU itself, not only a wrapper
         self.qmp = QEMUMonitorProtocol(self.qmp_path)
         self.qmp.connect(negotiate=True)
 
@@ -129,6 +131,13 @@ class VM:
             except Exception:  # noqa: BLE001
                 pass
             self.qmp = None
+        qemu = getattr(self, "_qemu_pid", None)
+        if qemu is not None and qemu != self.proc.pid:
+            # under a wrapper (strace), killing the wrapper would leave QEMU running
+            try:
+                os.kill(qemu, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -140,6 +149,13 @@ class VM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL the VM (or its wrapper) when the process that started it dies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _find_qemu_pid(root: int, timeout: float = 10.0) -> int:

@@ -1,4 +1,4 @@
-"""`qprobe watch PID`: trace one QEMU process until duration, signal, or its exit."""
+"""`qprobe watch PID`: tracker + printer, until duration, signal, or the process's exit."""
 
 from __future__ import annotations
 
@@ -8,80 +8,55 @@ import select
 import signal
 import sys
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from . import elfsym, targets
-from .catalog import Catalog, load_catalog
-from .events import FOLLOWUP_FLAG, Decoder, phase_name, render
-from .kvm_ioctls import ioctl_name
-from .qemu_abi import cause_name
-from .session import BinaryPlan, Session
-from .targets import Target
+from . import binaries, decoders, elfsym, targets
+from .binaries import Binaries
+from .catalog import load_catalog
+from .events import Decoder, render
+from .program import QtraceProgram
+from .tracker import Tracker, Vm
 
 
 def log_stderr(msg: str) -> None:
     print(f"qprobe: {msg}", file=sys.stderr, flush=True)
 
 
-@dataclass
-class Watch:
-    """Everything one watch run needs, built in data-flow order."""
-
-    target: Target
-    catalog: Catalog
-    session: Session
-    plan: BinaryPlan
-    decoder: Decoder
-    events_seen: int = 0
-    stop_reason: str = ""
-    by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-
-def resolve_target(target: Target, catalog: Catalog, debug_roots: tuple[str, ...]) \
-        -> elfsym.Resolution:
-    names = [fn for p in catalog.probes for fn in p.functions]
-    return elfsym.resolve_cached(target.exe_path, names, display=target.exe.removesuffix(
-        " (deleted)"), debug_roots=debug_roots, inline_names=names)
-
-
-def summary(w: Watch, started: float) -> dict:
+def summary(prog: QtraceProgram, vm: Vm, started: float, stopped_by: str, seen: int) -> dict:
     """Per-vCPU/per-phase counts read from the BPF maps (not from the event stream)."""
-    pid = w.target.pid
-    version = w.plan.resolution.qemu_version
-    writes = []
-    for k, n in w.session.table_items("write_counts"):
-        if k.tgid == pid:
-            writes.append({"vcpu": k.vcpu if k.vcpu >= 0 else None, "phase": phase_name(k.phase),
-                           "ioctl": ioctl_name(k.cmd), "count": n})
+    out: dict[str, dict] = {"write_counts": {}, "error_counts": {}, "lifecycle_counts": {},
+                            "reset_counts": {}}
+    writes, errors, lifecycle, resets, following = [], {}, {}, {}, {}
+    for name in out:
+        for vm_id, row, n in decoders.rows(prog.items(name), name, prog.catalog):
+            if vm_id != vm.vm_id:
+                continue
+            if name == "write_counts":
+                writes.append({**row, "count": n})
+            elif name == "error_counts":
+                errors[row["ioctl"]] = n
+            elif name == "lifecycle_counts":
+                lifecycle[row["event"]] = n
+            else:
+                (following if row["following_host"] else resets)[row["cause"]] = n
     writes.sort(key=lambda r: (r["vcpu"] if r["vcpu"] is not None else -1, r["phase"], r["ioctl"]))
-    errors = {ioctl_name(k.cmd): n for k, n in w.session.table_items("error_counts")
-              if k.tgid == pid}
-    lifecycle = {w.catalog.by_slot(k.probe).event: n
-                 for k, n in w.session.table_items("lifecycle_counts") if k.tgid == pid}
-    resets: dict[str, int] = {}
-    following: dict[str, int] = {}
-    for k, n in w.session.table_items("reset_counts"):
-        if k.tgid == pid:
-            into = following if k.cause & FOLLOWUP_FLAG else resets
-            into[cause_name(k.cause & ~FOLLOWUP_FLAG, version)] = n
     return {
         "kind": "summary",
-        "vm": w.target.name,
-        "pid": pid,
+        "vm": vm.name,
+        "pid": vm.pid,
         "duration": round(time.monotonic() - started, 3),
-        "stopped_by": w.stop_reason,
-        "kernel_hook": w.session.hook_mode,
+        "stopped_by": stopped_by,
+        "kernel_hook": prog.hook_mode,
         "writes": writes,
         "errors": errors,
         "lifecycle": lifecycle,
         "resets": resets,
         "resets_following_host": following,
-        "events": w.events_seen,
-        "events_lost": w.session.events_lost(),
-        "probes_attached": {a.probe.event: a.function for a in w.plan.attached if a.ok},
-        "probes_missing": {a.probe.event: a.reason for a in w.plan.missing},
+        "events": seen,
+        "events_lost": prog.events_lost(),
+        "probes_attached": {a.probe.event: a.function for a in vm.plan.attached if a.ok},
+        "probes_missing": {a.probe.event: a.reason for a in vm.plan.missing},
     }
 
 
@@ -109,15 +84,16 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
     started = time.monotonic()
     emit = out or (lambda line: print(line, flush=True))
     catalog = load_catalog()
+    # Bad pids and unusable binaries are reported before anything is compiled.
     target = targets.open_target(pid)
-    res = resolve_target(target, catalog, debug_roots)
+    res = binaries.resolve(catalog, target.exe_path, target.exe.removesuffix(" (deleted)"),
+                           debug_roots)
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         log_stderr(f"pid {pid}: exited before tracing started")
         return 1
 
-    pending: deque[bytes] = deque()
     stop = {"reason": ""}
 
     # Signals set a flag the loop checks.  Not KeyboardInterrupt: a signal that lands while
@@ -128,57 +104,60 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
 
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM,
                                                                     signal.SIGINT)}
-    session = None
+    prog = None
     try:
-        session = Session(catalog, hook=hook, log=log_stderr, ringbuf_cb=pending.append)
-        plan = session.add_binary(res.build_id or target.exe, target.exe_path, res)
-        fds = targets.vcpu_fds(pid)
-        # A QEMU holding vCPU fds has created its machine: boot is over (or --preconfig
-        # has not created it yet: then everything until machine creation is boot).
-        session.track(pid, boot_done=bool(fds), vcpu_fds=fds)
-        functions = {a.probe.slot: a.function for a in plan.attached if a.function}
-        decoder = Decoder(catalog, {pid: target.name}, {pid: res.qemu_version}, functions)
-        w = Watch(target, catalog, session, plan, decoder)
-        for a in plan.missing:
+        prog = QtraceProgram(catalog, hook=hook, log=log_stderr, write_events=True)
+        bins = Binaries(catalog, prog.attach_binary, debug_roots)
+        bins.get(target.exe_path, target.exe.removesuffix(" (deleted)"), res)
+        tracker = Tracker(prog, bins, max_vms=1, grace=0)
+        vm = tracker.adopt(pid, "scan")
+        if vm is None:
+            log_stderr(f"pid {pid}: exited before tracing started")
+            return 1
+        decoder = Decoder(catalog, lambda _id, p: vm.name if p == pid else f"pid-{p}",
+                          lambda _id: vm.plan.functions)
+        for a in vm.plan.missing:
             log_stderr(f"probe {a.probe.event}: missing: {a.reason}")
-        for a in plan.attached:
+        for a in vm.plan.attached:
             for note in a.notes:
                 log_stderr(f"probe {a.probe.event}: {note}")
-        n_ok = len(plan.attached) - len(plan.missing)
-        log_stderr(f"attached to vm {target.name} (pid {pid}, QEMU {res.qemu_version or '?'}): "
-                   f"{n_ok}/{len(plan.attached)} probes, {session.attached_count()} uprobes, "
-                   f"kernel hook {session.hook_mode}, {len(fds)} vCPUs known, "
+        n_ok = len(vm.plan.attached) - len(vm.plan.missing)
+        fds = targets.vcpu_fds(pid)
+        log_stderr(f"attached to vm {vm.name} (pid {pid}, QEMU {vm.qemu_version or '?'}): "
+                   f"{n_ok}/{len(vm.plan.attached)} probes, {prog.uprobe_count} uprobes, "
+                   f"kernel hook {prog.hook_mode}, {len(fds)} vCPUs known, "
                    f"phase {'boot' if not fds else 'runtime'}, in "
                    f"{time.monotonic() - started:.2f}s")
+        seen = 0
 
         def flush() -> None:
-            while pending:
-                ev = decoder.decode(pending.popleft())
-                if ev["pid"] != pid:
+            nonlocal seen
+            while prog.events:
+                raw = prog.events.popleft()
+                if raw.vm != vm.vm_id:
                     continue
-                w.events_seen += 1
+                seen += 1
+                ev = decoder.decode(raw)
                 emit(json.dumps(ev) if as_json else render(ev))
 
         deadline = started + duration if duration else None
         while not stop["reason"]:
-            session.poll(100)
+            prog.poll(100)
             flush()
             if select.select([pidfd], [], [], 0)[0]:
                 stop["reason"] = "target exit"
             elif deadline and time.monotonic() >= deadline:
                 stop["reason"] = "duration"
-        session.drain()
+        prog.drain()
         flush()
-        w.stop_reason = stop["reason"]
-        s = summary(w, started)
+        s = summary(prog, vm, started, stop["reason"], seen)
         emit(json.dumps(s) if as_json else render_summary(s))
         return 0
     finally:
         # Detach first, with our handlers still in place: a second Ctrl-C must not
         # interrupt the detaching.
-        if session is not None:
-            session.close()
+        if prog is not None:
+            prog.close()
         os.close(pidfd)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-

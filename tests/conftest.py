@@ -73,40 +73,120 @@ def gcc() -> str:
     return path  # type: ignore[return-value]
 
 
-def leftovers() -> list[str]:
-    """Anything of ours still attached: uprobe events, BPF programs, perf links."""
-    found = []
+def _bpftool(*what: str) -> list[dict]:
+    out = subprocess.run(["bpftool", "-j", *what], capture_output=True, text=True)
+    if out.returncode != 0 or not out.stdout.strip():
+        return []
+    return json.loads(out.stdout)
+
+
+def bpf_state() -> dict[str, set]:
+    """What the kernel holds of BPF now, by id: programs, maps, links, perf-event
+    attachments (BCC's uprobes and tracepoints are perf events: `bpftool perf`), uprobe
+    events in tracefs, and pins under /sys/fs/bpf."""
+    require("bpftool", shutil.which("bpftool") is not None, "apt-get install bpftool")
+    state = {
+        "progs": {(p["id"], p.get("name", "")) for p in _bpftool("prog", "show")},
+        "maps": {(m["id"], m.get("name", "")) for m in _bpftool("map", "show")},
+        "links": {(lk["id"], lk.get("type", "")) for lk in _bpftool("link", "show")},
+        "perf": {(e.get("pid"), e.get("fd"), e.get("prog_id"))
+                 for e in _bpftool("perf", "show")},
+        "uprobe_events": set(),
+        "pins": set(),
+    }
     try:
         with open("/sys/kernel/tracing/uprobe_events") as f:
-            found += [ln.strip() for ln in f if "qtrace" in ln]
+            state["uprobe_events"] = {ln.strip() for ln in f if ln.strip()}
     except OSError:
         pass
-    if shutil.which("bpftool"):
-        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip():
-            for prog in json.loads(out.stdout):
-                if str(prog.get("name", "")).startswith(OUR_PROGS):
-                    found.append(f"bpf prog {prog.get('id')} {prog.get('name')}")
-    return found
+    for dirpath, _dirs, files in os.walk("/sys/fs/bpf"):
+        state["pins"] |= {os.path.join(dirpath, f) for f in files}
+    return state
 
 
-def wait_no_leftovers(timeout: float = 5.0) -> list[str]:
-    """Programs go when their last fd closes; give the kernel a moment."""
+def added(before: dict[str, set], after: dict[str, set]) -> dict[str, set]:
+    """What `after` holds that `before` did not (empty dict: nothing)."""
+    return {k: after[k] - before[k] for k in after if after[k] - before[k]}
+
+
+def wait_settled(before: dict[str, set], timeout: float = 10.0) -> dict[str, set]:
+    """Programs and maps go when their last fd closes: give the kernel a moment."""
     deadline = time.monotonic() + timeout
-    left = leftovers()
+    left = added(before, bpf_state())
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = added(before, bpf_state())
+    return left
+
+
+def ours(state: dict[str, set]) -> dict[str, set]:
+    """Programs named as qtrace names them (for tests that cannot take a clean baseline)."""
+    return {"progs": {p for p in state["progs"] if str(p[1]).startswith(OUR_PROGS)}}
+
+
+def wait_no_leftovers(timeout: float = 5.0) -> list:
+    """No program named like ours (when no baseline was taken)."""
+    deadline = time.monotonic() + timeout
+    left = ours(bpf_state())["progs"]
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = leftovers()
-    return left
+        left = ours(bpf_state())["progs"]
+    return sorted(left)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the test process dies (a timeout, a kill)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def popen(argv: list[str], **kw) -> subprocess.Popen:
+    """Popen for helpers (qprobe, prometheus): never outlives the test run."""
+    return subprocess.Popen(argv, preexec_fn=_die_with_parent, **kw)
+
+
+def kill_stray_test_processes() -> list[str]:
+    """QEMUs of earlier runs (their QMP socket sits in a qtrace-vm-* temp dir: under strace,
+    killing the wrapper leaves QEMU running) and qprobe processes of this checkout."""
+    import signal
+
+    killed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        stray_vm = "qtrace-vm-" in text and "qemu-system" in text
+        stray_qprobe = "qtrace_bpf.cli" in text and ("daemon" in text or "watch" in text)
+        if stray_vm or stray_qprobe:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(text[:120])
+            except OSError:
+                pass
+    return killed
+
+
+def pytest_sessionstart(session) -> None:
+    for what in kill_stray_test_processes():
+        print(f"conftest: killed a stray process of an earlier run: {what}", file=sys.stderr)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    kill_stray_test_processes()
 
 
 class Watcher:
     """`qprobe watch PID --json` in the background, attached before it returns."""
 
     def __init__(self, pid: int, *args: str, timeout: float = 60.0):
-        self.proc = subprocess.Popen([*QPROBE, "watch", str(pid), "--json", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     cwd=ROOT)
+        self.proc = popen([*QPROBE, "watch", str(pid), "--json", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.stderr_lines: list[str] = []
         self.stdout_lines: list[str] = []
         self._attached = threading.Event()

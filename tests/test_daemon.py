@@ -373,9 +373,9 @@ def test_max_vms_cap(tmp_path):
     check_kvm()
     port = free_port()
     cfg = tmp_path / "q.toml"
-    from qtrace_bpf.targets import find_qemus
+    from qtrace_bpf.targets import running_qemus
 
-    already = len(find_qemus())  # VMs already on this host take slots first
+    already = len(running_qemus())  # VMs already on this host take slots first
     cfg.write_text(f'listen = "127.0.0.1:{port}"\nmax_vms = {already + 1}\n'
                    'rescan_interval = 1\n')
     proc = subprocess.Popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,

@@ -57,11 +57,15 @@ def count_hits(path: str, offset: int, run_it) -> int:
     """Attach a counting uprobe at (path, offset), run the fixture, return the hit count."""
     from bcc import BPF
 
-    from qtrace_bpf.session import attach_uprobe_at
+    from qtrace_bpf.program import uprobe_attacher
 
     b = BPF(text=COUNTER_BPF)
     try:
-        attach_uprobe_at(b, path, offset, "count_hit")
+        fn = b.load_func(b"count_hit", BPF.KPROBE)
+        ev_name = f"p_qtrace_test_{os.getpid()}".encode()
+        fd = uprobe_attacher()(fn.fd, 0, ev_name, path.encode(), offset, -1, 0)
+        assert fd >= 0, f"uprobe at {path}+{offset:#x} refused"
+        b._add_uprobe_fd(ev_name, fd)  # b.cleanup() detaches it
         run_it()
         return int(b[b"hits"][0].value)
     finally:
@@ -313,8 +317,11 @@ def test_corrupt_gnu_debugdata(fixtures, tmp_path):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_malformed_elf(fixtures, tmp_path, data):
-    """Mutated and truncated ELF files: the resolver answers or raises ElfError, nothing else."""
-    blob = bytearray(fixtures["minidebuginfo"].path.read_bytes())
+    """Mutated and truncated ELF files: the resolver raises ElfError or answers, and an
+    answer is self-consistent (every offset inside the file, through the PT_LOAD that holds
+    its address); the unmutated file resolves exactly as readelf says."""
+    original = fixtures["minidebuginfo"].path.read_bytes()
+    blob = bytearray(original)
     cut = data.draw(st.integers(min_value=0, max_value=len(blob)))
     blob = blob[:cut] if data.draw(st.booleans()) else blob
     for _ in range(data.draw(st.integers(min_value=0, max_value=24))):
@@ -325,16 +332,28 @@ def test_fuzz_malformed_elf(fixtures, tmp_path, data):
     f = tmp_path / "fuzz"
     f.write_bytes(bytes(blob))
     try:
-        elfsym.resolve(str(f), ["lifecycle_step", "main"], inline_names=["inlined_step"])
+        res = elfsym.resolve(str(f), ["lifecycle_step", "main"], inline_names=["inlined_step"])
     except ElfError:
-        pass
+        assert bytes(blob) != original, "the intact fixture must resolve"
+        return
+    for syms in res.found.values():
+        for sym in syms:
+            segs = [(v, sz, off) for v, sz, off in res.loads if v <= sym.vaddr < v + sz]
+            assert segs, f"{sym.name}@{sym.vaddr:#x} outside every PT_LOAD"
+            v, _sz, off = segs[0]
+            assert sym.offset == sym.vaddr - v + off < len(blob)
+    if bytes(blob) == original:
+        fx = fixtures["minidebuginfo"]
+        (vaddr,) = nm_address(fx.full, "lifecycle_step")
+        assert res.best("lifecycle_step").offset == readelf_offset(fx.full, vaddr)
 
 
 def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures):
     """attach_inlined: a function with no out-of-line copy is still counted, via DWARF."""
 
+    from qtrace_bpf.binaries import Binaries
     from qtrace_bpf.catalog import parse_catalog
-    from qtrace_bpf.session import Session
+    from qtrace_bpf.program import QtraceProgram
 
     catalog = parse_catalog(
         '[[probe]]\nevent = "step"\nfunctions = ["inlined_step"]\naction = "mark"\n'
@@ -345,22 +364,19 @@ def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures):
     with pytest.raises(ValueError, match="entry-only"):
         parse_catalog('[[probe]]\nevent = "x"\nfunctions = ["f"]\naction = "put"\n'
                       "attach_inlined = true\n")
-    s = Session(catalog)
-    try:
-        plan = s.add_binary("fixture", str(fx.path), res)
+    with QtraceProgram(catalog) as prog:
+        plan = Binaries(catalog, prog.attach_binary).get(str(fx.path), str(fx.path), res)
         step, plain = plan.attached
         assert step.ok and step.symbol is None and step.inlined_offsets
         assert not plain.ok  # without attach_inlined: reported missing, as before
         proc = subprocess.Popen([str(fx.path), "6", "wait"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE)
+        vm_id = 0x80000001
         try:
-            s.track(proc.pid, boot_done=True, vcpu_fds={})
+            prog.insert_proc(proc.pid, vm_id, boot_done=True)
             release(proc)
         finally:
             proc.kill()
             proc.wait()
-        counts = {k.probe: v for k, v in s.table_items("lifecycle_counts")
-                  if k.tgid == proc.pid}
+        counts = {k.probe: v for k, v in prog.items("lifecycle_counts") if k.vm == vm_id}
         assert counts == {0: 6}
-    finally:
-        s.close()

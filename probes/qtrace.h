@@ -1,0 +1,144 @@
+// SPDX-License-Identifier: Apache-2.0
+// qtrace.h: the kernel/user contract, and nothing else.  probes/qtrace.bpf.c includes it;
+// qtrace_bpf/abi.py reads its #defines and enums (every enumerator carries its value), and
+// takes the structs' layouts from BCC, which compiles this very file.  KVM ioctl numbers are
+// not here: they come from <linux/kvm.h> (BPF side) and qtrace_bpf/kvm_ioctl_numbers.py
+// (generated from the same header by scripts/gen_kvm_ioctls.py).
+#ifndef QTRACE_H
+#define QTRACE_H
+
+// Bumped on any change to a struct below: the layout of what the maps hold.
+#define QTRACE_ABI_VERSION 2
+
+// Lifecycle phase of a state write; names in user space are the lower-case suffix.
+enum phase { PH_BOOT = 0, PH_RESET = 1, PH_HOTPLUG = 2, PH_MIGRATION = 3, PH_RUNTIME = 4 };
+
+// What a catalog probe does (probes/catalog.toml `action`, lower-case suffix).
+enum action {
+    ACT_MARK = 0,             // count + event only
+    ACT_RESET = 1,            // entry: open reset window, cause = arg1; return: close
+    ACT_HOTPLUG = 2,          // entry: open hotplug window; return: close
+    ACT_MIGRATION_BEGIN = 3,  // entry: open migration window (no uretprobe: coroutine)
+    ACT_MIGRATION_END = 4,    // entry: close migration window
+    ACT_BOOT_DONE = 5,        // return: boot is over
+    ACT_PUT = 6,              // entry: this thread puts registers at level arg2; return: done
+};
+
+// struct event.kind
+enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
+
+// Process-wide windows (struct proc_state.windows bits).
+#define W_RESET 1
+#define W_HOTPLUG 2
+#define W_MIGRATION 4
+
+// Decoded values: index into vals[] and bit in have/known/changed.
+#define V_APIC_BASE 0
+#define V_TSC_KHZ 1
+#define V_MSR_TSC 2
+#define V_MSR_TSC_DEADLINE 3
+#define NVALS 4
+
+// QEMU's ShutdownCause (same values 7.2 -> 10.2); names are the suffix, '_' -> '-'.
+#define CAUSE_NONE 0
+#define CAUSE_HOST_ERROR 1
+#define CAUSE_HOST_QMP_QUIT 2
+#define CAUSE_HOST_QMP_SYSTEM_RESET 3
+#define CAUSE_HOST_SIGNAL 4
+#define CAUSE_HOST_UI 5
+#define CAUSE_GUEST_SHUTDOWN 6
+#define CAUSE_GUEST_RESET 7
+#define CAUSE_GUEST_PANIC 8
+#define CAUSE_SUBSYSTEM_RESET 9
+#define CAUSE_SNAPSHOT_LOAD 10
+#define NCAUSES 11
+
+// A guest reset within FOLLOWUP_NS of a host-requested one is the firmware's own reboot
+// (SeaBIOS answers a QMP system_reset with a hard reboot ~0.1 s later): also counted under
+// reset_key.cause = cause | FOLLOWUP_FLAG, so alerts can subtract it.
+#define FOLLOWUP_NS 2000000000ULL
+#define FOLLOWUP_FLAG 0x100
+
+#define MAX_SLOTS 32  // catalog probes: qt_entry_N / qt_return_N handlers
+// VM ids: the kernel numbers the VMs it sees exec from 1 up; user space numbers the ones
+// it adopts later (a /proc rescan, watch) from USER_VM_ID_BASE up.  Keys use the id, never
+// the pid, so a reused pid cannot mix a VM's counters with its predecessor's.
+#define USER_VM_ID_BASE 0x80000000
+
+struct proc_state {   // procs: tgid -> this
+    u32 vm;
+    u32 boot_done;
+    u32 windows;
+    u32 cause;
+    u64 last_host_reset_ns;
+};
+
+struct probe_cfg {    // probe_cfg: catalog slot -> this
+    u32 action;
+    u32 pad;
+};
+
+struct vcpu_key {     // vcpu_fds: this -> vCPU id
+    u32 vm;
+    u32 fd;
+};
+
+struct val_key {      // last_val: this -> last value QEMU wrote
+    u32 vm;
+    s32 vcpu;
+    u32 which;        // V_*
+};
+
+struct count_key {    // write_counts
+    u32 vm;
+    s32 vcpu;         // -1: a VM-wide ioctl
+    u32 cmd;          // the ioctl number
+    u32 phase;
+};
+
+struct err_key {      // error_counts
+    u32 vm;
+    u32 cmd;
+};
+
+struct lc_key {       // lifecycle_counts
+    u32 vm;
+    u32 probe;        // catalog slot
+};
+
+struct reset_key {    // reset_counts
+    u32 vm;
+    u32 cause;        // CAUSE_*, | FOLLOWUP_FLAG
+};
+
+// Every map that BPF code inserts into; update_failed[M_x] counts the inserts into map x that
+// failed (a full map), so a full map is never silent.  User-space names: the lower-case suffix.
+enum map_id {
+    M_PROCS = 0, M_VCPU_FDS = 1, M_LAST_VAL = 2, M_WRITE_COUNTS = 3, M_ERROR_COUNTS = 4,
+    M_LIFECYCLE_COUNTS = 5, M_RESET_COUNTS = 6, M_INFLIGHT = 7, M_THREAD_LEVEL = 8,
+};
+#define NMAPS 9
+
+struct event {
+    u64 ts;
+    u32 tgid;
+    u32 tid;
+    u32 vm;
+    u32 kind;      // K_*
+    u32 id;        // probe slot (lifecycle) or ioctl cmd (state write)
+    s32 vcpu;
+    u32 phase;
+    u32 cause;
+    u32 level;     // put level of the enclosing kvm_arch_put_registers (0: none)
+    u32 fd;
+    s64 ret;
+    u64 arg1;
+    u64 arg2;
+    u32 have;      // V_* bits: vals[i] decoded
+    u32 known;     // V_* bits: a previous value existed
+    u32 changed;   // V_* bits: it differed
+    u32 pad;
+    u64 vals[NVALS];
+};
+
+#endif

@@ -1,0 +1,161 @@
+"""QEMU binaries: catalog x symbols = attach points, attached once per file.
+
+A uprobe belongs to an inode, so attachments are keyed by the file (device, inode): a
+package reinstall with the same build-id is a new file to attach, and a VM running on a
+replaced (deleted) file keeps its probes.  The build-id keys only the symbol cache.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import elfsym
+from .catalog import Catalog, Probe, absent_in
+from .elfsym import Resolution, Symbol
+from .errors import ElfError, QtraceError
+
+FileKey = tuple[int, int]  # (st_dev, st_ino)
+
+
+def file_key(path: str) -> FileKey:
+    """The inode behind `path` (/proc/PID/exe reaches a deleted one too)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+@dataclass
+class Attached:
+    """One catalog probe as planned for a binary (or why it cannot be)."""
+
+    probe: Probe
+    symbol: Symbol | None
+    function: str | None
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+    inlined_offsets: list[int] = field(default_factory=list)  # extra entry probes
+
+    @property
+    def ok(self) -> bool:
+        return self.symbol is not None or bool(self.inlined_offsets)
+
+
+@dataclass
+class BinaryPlan:
+    key: FileKey
+    path: str  # opens the file (may be /proc/PID/exe)
+    display: str  # what an operator calls it
+    resolution: Resolution
+    attached: list[Attached] = field(default_factory=list)
+
+    @property
+    def missing(self) -> list[Attached]:
+        return [a for a in self.attached if not a.ok]
+
+    @property
+    def functions(self) -> dict[int, str]:
+        """catalog slot -> the function probed for it."""
+        return {a.probe.slot: a.function for a in self.attached if a.ok and a.function}
+
+    def uprobes(self) -> list[tuple[int, int, bool]]:
+        """(file offset, catalog slot, is_return) for every uprobe of this plan."""
+        out = []
+        for att in self.attached:
+            slot = att.probe.slot
+            out += [(off, slot, False) for off in att.inlined_offsets]
+            if att.symbol is not None:
+                out.append((att.symbol.offset, slot, False))
+                if att.probe.has_return:
+                    out.append((att.symbol.offset, slot, True))
+        return out
+
+
+def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
+    """catalog x symbols = attach points; anything that does not resolve says why."""
+    out = []
+    for probe in catalog.probes:
+        chosen: Attached | None = None
+        reasons = []
+        for fn in probe.functions:
+            syms = res.found.get(fn)
+            inlined = res.inlined_offsets(fn) if probe.attach_inlined else []
+            if not syms and inlined:
+                chosen = Attached(probe, None, fn, inlined_offsets=inlined, notes=[
+                    f"{fn} has no out-of-line copy: probing its {len(inlined)} inlined "
+                    "instance(s) from DWARF"])
+                break
+            if not syms:
+                why = res.missing[fn].reason if fn in res.missing else "not resolved"
+                reasons.append(f"{fn}: {why}")
+                continue
+            sym = res.best(fn)
+            if sym is None:
+                reasons.append(f"{fn}: ambiguous, {len(syms)} definitions "
+                               f"({', '.join(f'{s.name}@{s.vaddr:#x}' for s in syms)})")
+                continue
+            notes = []
+            if sym.is_clone:
+                notes.append(f"GCC clone {sym.name}")
+            if inlined:
+                notes.append(f"{fn} is also inlined at {len(inlined)} site(s): probed too")
+            elif fn in probe.inlined or res.inlined.get(fn):
+                notes.append(f"{fn} is inlined at some call sites: those calls are not seen")
+            if fn != probe.functions[0]:
+                notes.append(f"fallback for {probe.functions[0]} ({reasons[0]})")
+            chosen = Attached(probe, sym, fn, notes=notes, inlined_offsets=inlined)
+            break
+        if chosen is None and absent_in(probe, res.qemu_version):
+            reasons = [f"{probe.functions[0]}: not in QEMU {res.qemu_version} "
+                       f"(exists since {probe.since})"]
+        out.append(chosen or Attached(probe, None, None, reason="; ".join(reasons)))
+    return out
+
+
+def resolve(catalog: Catalog, path: str, display: str,
+            debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS) -> Resolution:
+    """Symbols for every catalog function (cached by build-id)."""
+    names = catalog.functions
+    return elfsym.resolve_cached(path, names, debug_roots=debug_roots, display=display,
+                                 inline_names=names)
+
+
+class Binaries:
+    """Every QEMU binary file seen, resolved and attached once (or why it could not be)."""
+
+    def __init__(self, catalog: Catalog, attach: Callable[[BinaryPlan], None],
+                 debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS):
+        self.catalog = catalog
+        self._attach = attach  # QtraceProgram.attach_binary
+        self.debug_roots = debug_roots
+        self.plans: dict[FileKey, BinaryPlan] = {}
+        self.errors: dict[FileKey, str] = {}  # files that failed, and why (not retried)
+
+    def get(self, path: str, display: str, res: Resolution | None = None) -> BinaryPlan:
+        """The plan of the file at `path`, attaching it the first time (QtraceError if not)."""
+        try:
+            key = file_key(path)
+        except OSError as exc:
+            raise QtraceError(f"{display}: {exc.strerror}") from None
+        if key in self.plans:
+            return self.plans[key]
+        if key in self.errors:
+            raise QtraceError(self.errors[key])
+        try:
+            res = res or resolve(self.catalog, path, display, self.debug_roots)
+        except ElfError as exc:  # the file itself is unusable: remembered, not retried
+            self.errors[key] = str(exc)
+            raise
+        if _same_file(display, key):
+            path = display  # outlives the process whose /proc/PID/exe led here
+        plan = BinaryPlan(key, path, display, res, plan_probes(self.catalog, res))
+        self._attach(plan)  # all of the plan's uprobes, or none (then retried next time)
+        self.plans[key] = plan
+        return plan
+
+
+def _same_file(path: str, key: FileKey) -> bool:
+    try:
+        return file_key(path) == key
+    except OSError:
+        return False

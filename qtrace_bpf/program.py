@@ -1,0 +1,374 @@
+"""QtraceProgram: one BPF object from compile to close.
+
+Compiles probes/qtrace.bpf.c with BCC, picks the kernel hook (fentry -> kprobe -> syscall
+tracepoints, each refusal kept with its reason), attaches QEMU binaries' uprobes by file,
+and offers typed access to the maps.  Every step that succeeds pushes its undo; close()
+runs them in reverse, so every exit path (Ctrl-C, SIGTERM, target exit, exception)
+detaches everything.  All calls into BCC internals stay in this module.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from . import abi, hooks
+from .binaries import BinaryPlan
+from .catalog import Catalog, bpf_source
+from .errors import QtraceError
+from .kvm_ioctls import STATE_WRITES
+
+Log = Callable[[str], None]
+BPF_NOEXIST = 1
+
+
+def import_bcc():
+    try:
+        import bcc  # type: ignore[import-not-found]
+    except ImportError:
+        raise QtraceError(
+            "BCC is not installed for this Python: apt-get install python3-bpfcc bpfcc-tools "
+            "(Debian's package; the PyPI package named 'bcc' is unrelated), and use a venv "
+            "made with --system-site-packages (scripts/setup.sh does both)") from None
+    return bcc
+
+
+def check_privileges() -> None:
+    if os.geteuid() != 0:
+        raise QtraceError("permission denied: loading BPF programs needs root (or CAP_BPF, "
+                          "CAP_PERFMON and CAP_SYS_PTRACE)")
+
+
+def kernel_headers_dir() -> str:
+    return f"/lib/modules/{os.uname().release}/build"
+
+
+def check_kernel_headers() -> None:
+    build = kernel_headers_dir()
+    if not os.path.exists(build):
+        raise QtraceError(f"kernel headers missing: {build} does not exist (BCC compiles against "
+                          "them: apt-get install linux-headers-amd64 and link it, see "
+                          "scripts/setup.sh)")
+
+
+def uprobe_attacher():
+    """libbcc's bpf_attach_uprobe with its real prototype.
+
+    BCC's Python binding declares it without the last argument (ref_ctr_offset), so the
+    kernel reads garbage there and refuses other tracers (bpftrace, perf) on the same
+    function.  Our own handle on the library carries all seven arguments.
+    """
+    fn = ct.CDLL("libbcc.so.0", use_errno=True).bpf_attach_uprobe
+    fn.restype = ct.c_int
+    fn.argtypes = [ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_uint64, ct.c_int,
+                   ct.c_uint32]
+    return fn
+
+
+class _CapturedStderr:
+    """libbcc prints load errors on fd 2; keep them for the refusal reason instead."""
+
+    def __enter__(self) -> _CapturedStderr:
+        self.text = ""
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+
+
+def _refusal(mode: str, failure: str, bcc_stderr: str) -> str:
+    lines = [ln.strip() for ln in bcc_stderr.splitlines() if ln.strip()]
+    kernel = next((ln for ln in lines if ln.startswith("bpf:")), "")
+    if "super-user" in failure and os.geteuid() == 0:
+        failure = "the kernel refused to load the program although we are root"
+    if "Failed to compile" in failure:
+        errors = [ln for ln in lines if "error:" in ln][:2]
+        return f"{mode} program does not compile here: {' / '.join(errors) or failure}"
+    return f"{failure}" + (f" ({kernel})" if kernel else "")
+
+
+def cflags(mode: str, *, discovery: bool = True, write_events: bool = True,
+           max_vms: int = 1024, max_vcpus: int = 64) -> list[str]:
+    """How probes/qtrace.bpf.c is compiled for one kernel hook and one use."""
+    flags = [f"-DQTRACE_HOOK_{mode.upper()}", f"-I{abi.include_dir()}",
+             f"-DMAX_VMS={max_vms}", f"-DMAX_VCPUS={max_vcpus}", "-Wno-unused-function"]
+    if discovery:
+        flags.append("-DQTRACE_DISCOVERY")
+    if write_events:
+        flags.append("-DQTRACE_WRITE_EVENTS")
+    return flags
+
+
+class QtraceProgram:
+    """The BPF program for every traced QEMU binary and process.
+
+    discovery: the kernel tracks QEMU processes from their exec (daemon).
+    write_events: every state write is also a ring-buffer event (watch); otherwise the
+    ring buffer carries exec/exit/lifecycle only and counts live in maps.
+    """
+
+    def __init__(self, catalog: Catalog, *, hook: str | None = None, log: Log | None = None,
+                 discovery: bool = False, write_events: bool = False, max_vms: int = 1024,
+                 max_vcpus: int = 64):
+        check_privileges()
+        self.bcc = import_bcc()
+        check_kernel_headers()
+        self.catalog = catalog
+        self.log = log or (lambda _msg: None)
+        self.discovery = discovery
+        self.write_events = write_events
+        self.max_vms, self.max_vcpus = max_vms, max_vcpus
+        self.refusals: dict[str, str] = {}
+        self.hook_mode = ""
+        self.events: deque = deque()  # ring-buffer events (struct event copies), oldest first
+        self.uprobe_count = 0
+        self.state = "closed"
+        self._undo: list[Callable[[], None]] = []
+        self._seq = 0
+        self.bpf = None
+        try:
+            self._open(hook)
+            self._configure()
+        except BaseException:
+            self.close()
+            raise
+        self.state = "attached"
+
+    def __enter__(self) -> QtraceProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _expect(self, *states: str) -> None:
+        if self.state not in states:
+            raise QtraceError(f"BPF program is {self.state}, expected {' or '.join(states)}")
+
+    # -- compile and hook ------------------------------------------------------------
+
+    def _open(self, preference: str | None) -> None:
+        text = bpf_source()
+        for mode in hooks.order(preference):
+            check = hooks.precheck(mode)
+            if not check.usable:
+                self.refusals[mode] = check.reason
+                continue
+            with _CapturedStderr() as captured:
+                try:
+                    self._compile_and_hook(text, mode)
+                    self.hook_mode = mode
+                except Exception as exc:  # BCC raises plain Exception on load/attach failure
+                    failure = str(exc).strip().splitlines()[-1]
+                else:
+                    failure = ""
+            if failure:
+                self.refusals[mode] = _refusal(mode, failure, captured.text)
+                continue
+            for refused, why in self.refusals.items():
+                self.log(f"kernel hook {refused}: refused: {why}")
+            self.log(f"kernel hook: {mode}")
+            return
+        detail = "; ".join(f"{m}: {r}" for m, r in self.refusals.items())
+        raise QtraceError(f"no usable kernel hook on KVM ioctls ({detail})")
+
+    def cflags(self, mode: str) -> list[str]:
+        return cflags(mode, discovery=self.discovery, write_events=self.write_events,
+                      max_vms=self.max_vms, max_vcpus=self.max_vcpus)
+
+    def _compile_and_hook(self, text: str, mode: str) -> None:
+        BPF = self.bcc.BPF
+        if mode == "fentry":
+            # Cheap question first: a refused fentry would otherwise cost a full compile.
+            BPF(text=bpf_source("fentry_check.bpf.c").encode()).cleanup()
+        b = BPF(text=text.encode(), cflags=self.cflags(mode))  # fentry: auto-attached here
+        try:
+            if self.discovery:
+                b.attach_tracepoint(tp="sched:sched_process_exec", fn_name="tp_sched_exec")
+                b.attach_tracepoint(tp="sched:sched_process_exit", fn_name="tp_sched_exit")
+            if mode == "kprobe":
+                for fn in hooks.KVM_FUNCS:
+                    b.attach_kprobe(event=fn, fn_name="kp_kvm_ioctl")
+                    b.attach_kretprobe(event=fn, fn_name="kretp_kvm_ioctl")
+            elif mode == "tracepoint":
+                b.attach_tracepoint(tp="syscalls:sys_enter_ioctl", fn_name="tp_enter_ioctl")
+                b.attach_tracepoint(tp="syscalls:sys_exit_ioctl", fn_name="tp_exit_ioctl")
+        except BaseException:
+            b.cleanup()
+            raise
+        self.bpf = b
+        self._undo.append(b.cleanup)  # BCC detaches what it attached, then closes the fds
+        self.state = "built"
+
+    def _configure(self) -> None:
+        b = self.bpf
+        cfg = b["probe_cfg"]
+        for probe in self.catalog.probes:
+            val = cfg.Leaf()
+            val.action = probe.action_id
+            cfg[ct.c_int(probe.slot)] = val
+        watched = b["watched"]
+        for number in STATE_WRITES:
+            watched[ct.c_uint32(number)] = ct.c_uint32(1)
+        table = b["events"]
+        pending = self.events
+
+        def on_event(_ctx, data, size):
+            ev = table.event(data)  # the layout BCC recorded for struct event
+            pending.append(type(ev).from_buffer_copy(ct.string_at(data, ct.sizeof(ev))))
+            return 0
+
+        table.open_ring_buffer(on_event)
+
+    # -- uprobes -----------------------------------------------------------------------
+
+    def attach_binary(self, plan: BinaryPlan) -> None:
+        """Every uprobe of the plan, or none: a failure undoes this binary's attaches."""
+        self._expect("attached")
+        attach = uprobe_attacher()
+        done: list[bytes] = []
+        try:
+            for offset, slot, is_return in plan.uprobes():
+                name = f"qt_{'return' if is_return else 'entry'}_{slot}"
+                fn = self.bpf.load_func(name.encode(), self.bcc.BPF.KPROBE)
+                self._seq += 1
+                ev_name = f"{'r' if is_return else 'p'}_qtrace_{os.getpid()}_{self._seq}".encode()
+                fd = attach(fn.fd, 1 if is_return else 0, ev_name, plan.path.encode(), offset,
+                            -1, 0)
+                if fd < 0:
+                    err = ct.get_errno() or 1
+                    raise QtraceError(
+                        f"{plan.display}: cannot attach {'uretprobe' if is_return else 'uprobe'}"
+                        f" for {self.catalog.by_slot(slot).event} at {plan.path}+{offset:#x}: "
+                        f"{os.strerror(err)}")
+                self.bpf._add_uprobe_fd(ev_name, fd)  # BCC's cleanup() detaches it too
+                done.append(ev_name)
+        except BaseException:
+            for ev_name in reversed(done):
+                self.bpf.detach_uprobe_event(ev_name)
+            raise
+        self.uprobe_count += len(done)
+
+    # -- processes (map entries; the Tracker decides which) ------------------------------
+
+    def proc(self, pid: int):
+        """The kernel's proc_state for pid, or None when the kernel does not track it."""
+        try:
+            return self.bpf["procs"][ct.c_uint32(pid)]
+        except KeyError:
+            return None
+
+    def insert_proc(self, pid: int, vm: int, *, boot_done: bool) -> bool:
+        """Track pid as VM id `vm` unless the kernel already does (False then)."""
+        table = self.bpf["procs"]
+        leaf = table.Leaf()
+        leaf.vm = vm
+        leaf.boot_done = 1 if boot_done else 0
+        key = ct.c_uint32(pid)
+        rc = self.bcc.libbcc.lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(leaf),
+                                                 BPF_NOEXIST)
+        if rc < 0 and ct.get_errno() not in (0, 17):  # EEXIST: tracked meanwhile
+            raise QtraceError(f"procs map: cannot track pid {pid}: {os.strerror(ct.get_errno())}"
+                              " (map full? raise max_vms)")
+        return rc == 0
+
+    def set_boot_done(self, pid: int) -> None:
+        table = self.bpf["procs"]
+        key = ct.c_uint32(pid)
+        try:
+            leaf = table[key]
+        except KeyError:
+            return
+        leaf.boot_done = 1
+        table[key] = leaf
+
+    def delete_proc(self, pid: int) -> None:
+        try:
+            del self.bpf["procs"][ct.c_uint32(pid)]
+        except KeyError:
+            pass
+
+    def procs(self) -> dict[int, int]:
+        """pid -> VM id, as the kernel tracks them now."""
+        return {k.value: v.vm for k, v in self.bpf["procs"].items()}
+
+    def set_vcpu_fds(self, vm: int, fds: dict[int, int]) -> None:
+        table = self.bpf["vcpu_fds"]
+        for fd, vcpu in fds.items():
+            key = table.Key()
+            key.vm = vm
+            key.fd = fd
+            table[key] = ct.c_int32(vcpu)
+
+    def delete_vms(self, vms: Iterable[int]) -> int:
+        """Delete every entry of these VM ids from every per-VM map; returns how many."""
+        gone = set(vms)
+        n = 0
+        if not gone:
+            return 0
+        for name in abi.PER_VM_MAPS:
+            table = self.bpf[name]
+            for key in [k for k in table.keys() if k.vm in gone]:
+                try:
+                    del table[key]
+                    n += 1
+                except KeyError:
+                    pass
+        return n
+
+    def vm_ids_in_maps(self) -> set[int]:
+        ids: set[int] = set()
+        for name in abi.PER_VM_MAPS:
+            ids |= {k.vm for k in self.bpf[name].keys()}
+        return ids
+
+    # -- reading -----------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    def items(self, name: str) -> list[tuple[object, int]]:
+        """(key, count) of one counter map, read now (one syscall per key: BCC)."""
+        return [(k, v.value) for k, v in self.bpf[name].items()]
+
+    def table_names(self) -> list[str]:
+        """Every map the compiled program has (not only those opened so far)."""
+        lib = ct.CDLL("libbcc.so.0")
+        lib.bpf_num_tables.restype = ct.c_size_t
+        lib.bpf_num_tables.argtypes = [ct.c_void_p]
+        lib.bpf_table_name.restype = ct.c_char_p
+        lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_size_t]
+        module = self.bpf.module
+        return [lib.bpf_table_name(module, i).decode()
+                for i in range(lib.bpf_num_tables(module))]
+
+    def key_type(self, name: str) -> type:
+        """The ctypes key type BCC compiled for a map (from qtrace.h)."""
+        return self.bpf[name].Key
+
+    def events_lost(self) -> int:
+        return int(self.bpf["events_lost"][ct.c_int(0)].value)
+
+    def update_failures(self) -> dict[str, int]:
+        """map name -> inserts a full map refused."""
+        table = self.bpf["update_failed"]
+        return {name: int(table[ct.c_int(i)].value) for i, name in enumerate(abi.MAPS)}
+
+    def close(self) -> None:
+        """Undo everything, last step first; safe to call twice."""
+        while self._undo:
+            self._undo.pop()()
+        self.bpf = None
+        self.state = "closed"

@@ -1,0 +1,209 @@
+"""Tracker: the QEMU processes we own, and their entries in the BPF maps.
+
+The one place that adopts a QEMU process (at its exec or KVM_CREATE_VM, seen by the kernel;
+at a /proc rescan; for watch, by pid), follows it and forgets it.  A process is identified
+by (pid, start time) in user space and by a VM id in the kernel: every per-VM map is keyed
+by that id, never by pid, so a reused pid is never mixed with its predecessor and an exec
+starts from empty state.  watch = tracker + printer; daemon = tracker + collector + server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import abi, targets
+from .binaries import Binaries, BinaryPlan
+from .errors import QtraceError
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Vm:
+    vm_id: int  # the key of its map entries
+    pid: int
+    start_time: int  # /proc/PID/stat starttime: (pid, start_time) is the process
+    name: str  # the `vm` label: sanitised, unique among live VMs
+    uuid: str
+    exe: str  # the binary, as an operator names it
+    plan: BinaryPlan
+    found_by: str  # "exec" (the kernel saw it start) | "scan" (found running)
+    exited_at: float | None = None
+
+    @property
+    def qemu_version(self) -> str:
+        return self.plan.resolution.qemu_version or ""
+
+    @property
+    def build_id(self) -> str:
+        return self.plan.resolution.build_id or ""
+
+
+class Tracker:
+    def __init__(self, prog, binaries: Binaries, *, max_vms: int, grace: float,
+                 log: Log | None = None):
+        self.prog = prog  # a QtraceProgram (or a test double with the same map methods)
+        self.binaries = binaries
+        self.max_vms = max_vms
+        self.grace = grace
+        self.log = log or (lambda _msg: None)
+        self.lock = threading.RLock()
+        self.vms: dict[int, Vm] = {}
+        self.refused = 0  # VMs not traced: max_vms reached
+        self.gaps = 0  # VMs whose counting started after they did
+        self.attach_errors: dict[str, int] = {}  # reason -> count
+        self._next_user_id = abi.USER_VM_ID_BASE
+
+    # -- adopt ---------------------------------------------------------------------
+
+    def live(self, pid: int) -> Vm | None:
+        for vm in self.vms.values():
+            if vm.pid == pid and vm.exited_at is None:
+                return vm
+        return None
+
+    def adopt(self, pid: int, found_by: str, vm_id: int | None = None) -> Vm | None:
+        """Start tracking one QEMU process; None (and its kernel entries dropped) if not.
+
+        vm_id: the id the kernel gave it at exec.  Without one, the kernel's entry is
+        reused when it has one (an event not handled yet, a restart), else the process is
+        tracked from now on, which is a gap in its counts.
+        """
+        with self.lock:
+            try:
+                start = targets.start_time(pid)
+                target = targets.open_target(pid)
+            except QtraceError as exc:
+                self._drop_kernel(pid, vm_id)
+                self.log(f"pid={pid} not adopted: {exc}")
+                return None
+            old = self.live(pid)
+            if old is not None:
+                if old.start_time == start and vm_id in (None, old.vm_id):
+                    return old  # already ours: the kernel's windows stay as they are
+                self.exited(old.vm_id)  # pid reused, or the process exec'd again
+            if sum(1 for v in self.vms.values() if v.exited_at is None) >= self.max_vms:
+                self.refused += 1
+                self._drop_kernel(pid, vm_id)
+                self.log(f"pid={pid} vm={target.name!r} refused: max_vms={self.max_vms} reached")
+                return None
+            display = target.exe.removesuffix(" (deleted)")
+            known = len(self.binaries.plans)
+            try:
+                plan = self.binaries.get(target.exe_path, display)
+            except QtraceError as exc:
+                reason = "binary" if exc.__class__.__name__ == "ElfError" else "attach"
+                self.attach_errors[reason] = self.attach_errors.get(reason, 0) + 1
+                self._drop_kernel(pid, vm_id)
+                self.log(f"pid={pid} vm={target.name!r} not traced: {exc}")
+                return None
+            fds = targets.vcpu_fds(pid)
+            kernel = self.prog.proc(pid)
+            if vm_id is None and kernel is not None:
+                vm_id = kernel.vm
+            if vm_id is None:
+                vm_id = self._new_user_id()
+                # A QEMU holding vCPU fds has created its machine: boot is over.
+                self.prog.insert_proc(pid, vm_id, boot_done=bool(fds))
+                self.prog.set_vcpu_fds(vm_id, fds)
+                self.gaps += 1
+            elif len(self.binaries.plans) > known and fds:
+                # Its binary was attached only now: its boot windows were never seen.
+                self.prog.set_boot_done(pid)
+            vm = Vm(vm_id, pid, start, self._unique_name(target.name, vm_id), target.uuid,
+                    display, plan, found_by)
+            self.vms[vm_id] = vm
+            self.log(f"vm={vm.name!r} pid={pid} vm_id={vm_id:#x} found_by={found_by} tracking")
+            return vm
+
+    def _new_user_id(self) -> int:
+        self._next_user_id += 1
+        return self._next_user_id
+
+    def _unique_name(self, name: str, vm_id: int) -> str:
+        live = {v.name for v in self.vms.values() if v.exited_at is None and v.vm_id != vm_id}
+        return name if name not in live else f"{name}~{vm_id & 0x7FFFFFFF}"[-targets.VM_NAME_MAX:]
+
+    def _drop_kernel(self, pid: int, vm_id: int | None) -> None:
+        """Forget what the kernel tracked for a process we do not adopt."""
+        kernel = self.prog.proc(pid)
+        if kernel is not None and (vm_id is None or kernel.vm == vm_id):
+            self.prog.delete_proc(pid)
+            vm_id = kernel.vm
+        if vm_id is not None and vm_id not in self.vms:
+            self.prog.delete_vms([vm_id])
+
+    # -- follow --------------------------------------------------------------------
+
+    def follow(self, ev) -> None:
+        """A ring-buffer event: exec adopts, exit marks the VM exited."""
+        if ev.kind == abi.K_EXEC:
+            self.adopt(ev.tgid, "exec", ev.vm)
+        elif ev.kind == abi.K_EXIT:
+            with self.lock:
+                if ev.vm in self.vms:
+                    self.exited(ev.vm)
+                else:
+                    self.prog.delete_vms([ev.vm])  # a process we never adopted
+
+    def exited(self, vm_id: int) -> None:
+        with self.lock:
+            vm = self.vms.get(vm_id)
+            if vm is None or vm.exited_at is not None:
+                return
+            vm.exited_at = time.monotonic()
+            kernel = self.prog.proc(vm.pid)
+            if kernel is not None and kernel.vm == vm_id:
+                self.prog.delete_proc(vm.pid)
+            self.log(f"vm={vm.name!r} pid={vm.pid} exited; series kept for {self.grace}s")
+
+    # -- forget --------------------------------------------------------------------
+
+    def forget(self, vm_id: int) -> None:
+        """Delete the VM's entries from every per-VM map (abi.PER_VM_MAPS) and its record."""
+        with self.lock:
+            vm = self.vms.pop(vm_id, None)
+            if vm is not None:
+                kernel = self.prog.proc(vm.pid)
+                if kernel is not None and kernel.vm == vm_id:
+                    self.prog.delete_proc(vm.pid)
+            self.prog.delete_vms([vm_id])
+
+    def expire(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            for vm in list(self.vms.values()):
+                if vm.exited_at is not None and now - vm.exited_at >= self.grace:
+                    self.forget(vm.vm_id)
+                    self.log(f"vm={vm.name!r} pid={vm.pid} forgotten")
+
+    def rescan(self) -> None:
+        """Reconcile with /proc: exits we missed, processes we have not seen, stale entries."""
+        with self.lock:
+            in_maps = self.prog.vm_ids_in_maps()
+            kernel_before = self.prog.procs()
+            running = targets.running_qemus()  # pid -> start time
+            for vm in list(self.vms.values()):
+                if vm.exited_at is None and running.get(vm.pid) != vm.start_time:
+                    self.exited(vm.vm_id)  # an exit we did not see
+            for pid in sorted(running):
+                live = self.live(pid)
+                if live is None or live.start_time != running[pid]:
+                    self.adopt(pid, "scan")
+            for pid in kernel_before:
+                if pid not in running:  # gone (its exit event was lost)
+                    kernel = self.prog.proc(pid)
+                    if kernel is not None and kernel.vm == kernel_before[pid]:
+                        self.prog.delete_proc(pid)
+            alive = set(self.prog.procs().values())
+            orphans = in_maps - set(self.vms) - alive
+            if orphans:
+                n = self.prog.delete_vms(orphans)
+                self.log(f"rescan: removed {n} map entries of {len(orphans)} untracked VM ids")
+
+    def snapshot(self) -> dict[int, Vm]:
+        with self.lock:
+            return dict(self.vms)

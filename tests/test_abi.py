@@ -1,0 +1,109 @@
+"""The kernel/user contract has one source: probes/qtrace.h and <linux/kvm.h>.
+
+gcc compiles the same header and prints what it means; Python's reading of it (abi.py),
+BCC's struct layouts and the generated ioctl numbers must all agree with that.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from qtrace_bpf import abi, kvm_ioctls
+
+HEADER = ROOT / "probes" / "qtrace.h"
+PRELUDE = ("#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+           "typedef uint32_t u32; typedef int32_t s32; typedef uint64_t u64; "
+           "typedef int64_t s64;\n")
+
+
+def gcc_print(gcc: str, tmp: Path, body: str) -> dict[str, int]:
+    """Compile `body` (printf lines of `NAME VALUE`) against qtrace.h; run it; parse."""
+    src = tmp / "p.c"
+    src.write_text(f'{PRELUDE}#include "{HEADER}"\nint main(void) {{\n{body}\nreturn 0; }}\n')
+    exe = tmp / "p"
+    subprocess.run([gcc, "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+def test_constants_match_what_gcc_compiles(gcc, tmp_path):
+    """Every #define and enumerator abi.py read equals the compiler's value of it."""
+    defines, enums = abi.parse_header(HEADER.read_text())
+    names = [*defines, *(n for members in enums.values() for n in members)]
+    assert {"K_EXEC", "PH_RESET", "FOLLOWUP_FLAG", "CAUSE_GUEST_RESET", "M_WRITE_COUNTS",
+            "QTRACE_ABI_VERSION"} <= set(names)
+    body = "\n".join(f'printf("{n} %llu\\n", (unsigned long long)({n}));' for n in names)
+    compiled = gcc_print(gcc, tmp_path, body)
+    assert {n: getattr(abi, n) for n in names} == compiled
+
+
+def test_names_derive_from_the_c_names():
+    assert abi.PHASES == ("boot", "reset", "hotplug", "migration", "runtime")
+    assert abi.CAUSES[abi.CAUSE_HOST_QMP_SYSTEM_RESET] == "host-qmp-system-reset"
+    assert abi.CAUSES[abi.CAUSE_GUEST_RESET] == "guest-reset"
+    assert len(abi.CAUSES) == abi.NCAUSES
+    assert len(abi.MAPS) == abi.NMAPS
+    assert abi.KINDS[abi.K_STATE_WRITE] == "state_write"
+
+
+def test_header_parser_refuses_implicit_enum_values():
+    with pytest.raises(ValueError, match="no explicit value"):
+        abi.parse_header("enum phase { PH_BOOT, PH_RESET = 1 };")
+
+
+def test_kvm_ioctl_numbers_are_generated_from_kvm_h(gcc):
+    """A hand-edited number (or a stale file) differs from what the compiler says."""
+    committed = (ROOT / "qtrace_bpf" / "kvm_ioctl_numbers.py").read_text()
+    assert kvm_ioctls.generate_numbers(gcc) == committed, \
+        "qtrace_bpf/kvm_ioctl_numbers.py is not what <linux/kvm.h> says: run " \
+        "scripts/gen_kvm_ioctls.py"
+
+
+@pytest.fixture(scope="module")
+def program():
+    from conftest import check_bpf
+
+    check_bpf()
+    from qtrace_bpf.catalog import load_catalog
+    from qtrace_bpf.program import QtraceProgram
+
+    with QtraceProgram(load_catalog(), discovery=True, write_events=True) as prog:
+        yield prog
+
+
+def test_rawevent_offsets_match_qtrace_h(program, gcc, tmp_path):
+    """Python's struct event is BCC's compile of qtrace.h: gcc's offsetof agrees."""
+    import ctypes as ct
+
+    table = program.bpf["events"]
+    buf = (ct.c_char * 4096)()
+    cls = type(table.event(ct.addressof(buf)))
+    fields = [f[0] for f in cls._fields_]
+    assert {"ts", "tgid", "vm", "kind", "vcpu", "vals"} <= set(fields)
+    body = "\n".join(f'printf("{f} %zu\\n", offsetof(struct event, {f}));' for f in fields)
+    body += '\nprintf("sizeof %zu\\n", sizeof(struct event));'
+    want = gcc_print(gcc, tmp_path, body)
+    got = {f: getattr(cls, f).offset for f in fields}
+    got["sizeof"] = ct.sizeof(cls)
+    assert got == want
+
+
+def test_every_map_keyed_by_vm_is_forgettable(program):
+    """A map whose key starts with the VM id must be in PER_VM_MAPS (forget() deletes from
+    those), and nothing else may be there."""
+    keyed_by_vm = set()
+    for name in program.table_names():
+        key = program.key_type(name)
+        fields = [f[0] for f in getattr(key, "_fields_", [])]
+        if fields[:1] == ["vm"]:
+            keyed_by_vm.add(name)
+    assert keyed_by_vm == set(abi.PER_VM_MAPS)
+
+
+def test_update_failures_cover_every_map_the_program_inserts_into(program):
+    assert set(program.update_failures()) == set(abi.MAPS)
+    assert set(abi.MAPS) <= set(program.table_names())

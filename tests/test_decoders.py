@@ -1,0 +1,104 @@
+"""Decoders: numbers from the kernel -> the names of the contract (root-free)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qtrace_bpf import abi, decoders
+from qtrace_bpf.catalog import load_catalog
+from qtrace_bpf.events import Decoder, render
+from qtrace_bpf.kvm_ioctls import BY_NAME, IOCTLS
+
+CATALOG = load_catalog()
+NUMBERS = sorted(IOCTLS)
+
+
+def decoder() -> Decoder:
+    return Decoder(CATALOG, lambda vm, pid: f"vm{vm}-{pid}", lambda _vm: {})
+
+
+def event(**fields) -> SimpleNamespace:
+    base = dict(ts=0, tgid=1, tid=1, vm=1, kind=abi.K_STATE_WRITE, id=0, vcpu=-1, phase=0,
+                cause=0, level=0, fd=0, ret=0, arg1=0, arg2=0, have=0, known=0, changed=0,
+                vals=[0] * abi.NVALS)
+    base.update(fields)
+    return SimpleNamespace(**base)
+
+
+def test_sregs2_write_in_reset():
+    ev = decoder().decode(event(id=BY_NAME["KVM_SET_SREGS2"].number, vcpu=1,
+                                phase=abi.PH_RESET, cause=abi.CAUSE_HOST_QMP_SYSTEM_RESET,
+                                level=2, have=1, known=1, changed=0,
+                                vals=[0xFEE00800, 0, 0, 0]))
+    assert ev["event"] == "KVM_SET_SREGS2" and ev["vcpu"] == 1 and ev["vm"] == "vm1-1"
+    assert ev["phase"] == "reset" and ev["cause"] == "host-qmp-system-reset"
+    assert ev["level"] == 2
+    assert ev["apic_base"] == "0xfee00800" and ev["apic_base_changed"] is False
+    assert "apic_base=0xfee00800 unchanged" in render(ev)
+
+
+def test_unknown_numbers_keep_placeholders_and_are_counted():
+    before = dict(decoders.DECODE_ERRORS)
+    assert decoders.phase(7) == "phase-7"
+    assert decoders.cause(12) == "cause-12"
+    assert decoders.ioctl(0x1234AEFF) == "KVM_IOCTL_0x1234aeff"
+    for field in ("phase", "cause", "ioctl"):
+        assert decoders.DECODE_ERRORS[field] == before.get(field, 0) + 1
+
+
+def test_reset_rows_split_the_followup_flag():
+    key = SimpleNamespace(vm=5, cause=abi.CAUSE_GUEST_RESET | abi.FOLLOWUP_FLAG)
+    ((vm, row, n),) = decoders.rows([(key, 3)], "reset_counts", CATALOG)
+    assert (vm, row, n) == (5, {"cause": "guest-reset", "following_host": True}, 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cmd=st.sampled_from(NUMBERS), vcpu=st.integers(-1, 511),
+       phase=st.integers(0, len(abi.PHASES) - 1), cause=st.integers(0, abi.NCAUSES - 1),
+       level=st.integers(0, 3), have=st.integers(0, 2 ** abi.NVALS - 1),
+       known=st.integers(0, 2 ** abi.NVALS - 1), changed=st.integers(0, 2 ** abi.NVALS - 1),
+       vals=st.lists(st.integers(0, 2 ** 64 - 1), min_size=abi.NVALS, max_size=abi.NVALS),
+       ret=st.integers(-4095, 64), arg1=st.integers(0, 1023))
+def test_state_write_decoding_keeps_every_field(cmd, vcpu, phase, cause, level, have, known,
+                                                changed, vals, ret, arg1):
+    """Whatever the kernel sends, each field lands under its name with its value."""
+    raw = event(id=cmd, vcpu=vcpu, phase=phase, cause=cause, level=level, have=have,
+                known=known, changed=changed, vals=vals, ret=ret, arg1=arg1)
+    ev = decoder().decode(raw)
+    name = IOCTLS[cmd].name
+    assert ev["kind"] == "state_write" and ev["event"] == name and ev["ioctl"] == f"{cmd:#x}"
+    assert ev["phase"] == abi.PHASES[phase]
+    assert ev.get("cause") == (abi.CAUSES[cause] if phase == abi.PH_RESET else None)
+    assert ev.get("level") == (level or None)
+    assert ev.get("error") == (True if ret < 0 else None)
+    if name == "KVM_CREATE_VCPU":
+        assert ev["vcpu"] == arg1
+    else:
+        assert ev["vcpu"] == (vcpu if vcpu >= 0 else None)
+    for i, value in enumerate(abi.VALUES):
+        if have & (1 << i):
+            shown = ev[value]
+            assert (shown if value == "tsc_khz" else int(shown, 16)) == vals[i]
+            assert ev[f"{value}_changed"] == (bool(changed & (1 << i))
+                                              if known & (1 << i) else None)
+        else:
+            assert value not in ev and f"{value}_changed" not in ev
+    render(ev)  # every decodable event renders
+
+
+@settings(max_examples=100, deadline=None)
+@given(slot=st.integers(0, len(CATALOG.probes) - 1), arg1=st.integers(0, 2 ** 64 - 1),
+       arg2=st.integers(0, 2 ** 64 - 1), phase=st.integers(0, len(abi.PHASES) - 1))
+def test_lifecycle_decoding_follows_the_catalog(slot, arg1, arg2, phase):
+    probe = CATALOG.by_slot(slot)
+    ev = decoder().decode(event(kind=abi.K_LIFECYCLE, id=slot, arg1=arg1, arg2=arg2,
+                                phase=phase))
+    assert ev["kind"] == "lifecycle" and ev["event"] == probe.event
+    assert ev["function"] == probe.functions[0]
+    if probe.arg2 == "level":
+        assert ev["level"] == arg2
+    if probe.arg1 == "shutdown_cause":
+        assert ev["cause"] == decoders.cause(arg1)

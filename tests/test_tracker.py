@@ -1,0 +1,227 @@
+"""Tracker: adopt, follow and forget QEMU processes; own their map entries.
+
+Most tests run a real process named qemu-system-x86_64 (a copy of dash) against an
+in-memory program; the last one uses the real BPF program's maps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from qtrace_bpf import abi, targets
+from qtrace_bpf.tracker import Tracker
+
+
+class FakeProgram:
+    """The map operations Tracker uses, on dicts (vm id -> entries of every per-VM map)."""
+
+    def __init__(self) -> None:
+        self.kernel: dict[int, SimpleNamespace] = {}  # procs: pid -> proc_state
+        self.entries: dict[int, int] = {}  # vm id -> entries in per-VM maps
+        self.inserts = 0
+
+    def proc(self, pid):
+        return self.kernel.get(pid)
+
+    def insert_proc(self, pid, vm, *, boot_done):
+        self.inserts += 1
+        if pid in self.kernel:
+            return False
+        self.kernel[pid] = SimpleNamespace(vm=vm, boot_done=int(boot_done), windows=0)
+        return True
+
+    def set_boot_done(self, pid):
+        self.kernel[pid].boot_done = 1
+
+    def delete_proc(self, pid):
+        self.kernel.pop(pid, None)
+
+    def procs(self):
+        return {pid: st.vm for pid, st in self.kernel.items()}
+
+    def set_vcpu_fds(self, vm, fds):
+        self.entries[vm] = self.entries.get(vm, 0) + len(fds)
+
+    def delete_vms(self, vms):
+        return sum(self.entries.pop(vm, 0) for vm in set(vms))
+
+    def vm_ids_in_maps(self):
+        return set(self.entries)
+
+
+class FakeBinaries:
+    def __init__(self) -> None:
+        self.plans: dict = {}
+
+    def get(self, path, display, res=None):
+        plan = SimpleNamespace(resolution=SimpleNamespace(qemu_version="7.2", build_id="ab"))
+        self.plans.setdefault(display, plan)
+        return plan
+
+
+@pytest.fixture
+def qemu(tmp_path, monkeypatch):
+    """A process whose exe is named qemu-system-x86_64 (a shell, copied) with a -name."""
+    exe = tmp_path / "qemu-system-x86_64"
+    shutil.copy(shutil.which("dash") or "/bin/sh", exe)
+    procs = []
+    real = targets.running_qemus
+    # rescan sees only this test's processes, not other QEMUs on the host
+    monkeypatch.setattr(targets, "running_qemus", lambda: {
+        pid: st for pid, st in real().items() if pid in {p.pid for p in procs}})
+
+    def start(name: str = "vm-a"):
+        p = subprocess.Popen([str(exe), "-c", "sleep 600; :", "-name", f"guest={name}"])
+        procs.append(p)
+        deadline = time.monotonic() + 10
+        while "-name" not in targets.read_cmdline(p.pid):  # exec done
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def tracker(prog=None, **kw) -> Tracker:
+    return Tracker(prog or FakeProgram(), FakeBinaries(), max_vms=kw.pop("max_vms", 8),
+                   grace=kw.pop("grace", 0), **kw)
+
+
+def test_scan_adopts_with_a_user_id_and_counts_a_gap(qemu):
+    p = qemu("web1")
+    t = tracker()
+    vm = t.adopt(p.pid, "scan")
+    assert vm is not None and vm.name == "web1" and vm.vm_id > abi.USER_VM_ID_BASE
+    assert t.prog.kernel[p.pid].vm == vm.vm_id and t.gaps == 1
+
+
+def test_rescan_never_overwrites_kernel_window_state(qemu):
+    """A process the kernel tracks since its exec keeps its id and its windows."""
+    p = qemu()
+    t = tracker()
+    t.prog.kernel[p.pid] = SimpleNamespace(vm=77, boot_done=0, windows=abi.W_RESET)
+    t.rescan()
+    vm = t.live(p.pid)
+    assert vm is not None and vm.vm_id == 77 and t.gaps == 0
+    assert t.prog.kernel[p.pid].windows == abi.W_RESET and t.prog.inserts == 0
+    t.rescan()  # already tracked: nothing written
+    assert t.prog.inserts == 0 and t.live(p.pid) is vm
+
+
+def test_exec_of_a_tracked_pid_starts_a_new_vm(qemu):
+    p = qemu()
+    t = tracker()
+    first = t.adopt(p.pid, "exec", 10)
+    t.prog.entries[10] = 5
+    second = t.follow(SimpleNamespace(kind=abi.K_EXEC, tgid=p.pid, vm=11)) or t.live(p.pid)
+    assert second.vm_id == 11 and first.exited_at is not None
+    assert t.vms[10] is first  # kept for the grace period, then forgotten
+    t.expire()
+    assert 10 not in t.vms and 10 not in t.prog.entries
+
+
+def test_reused_pid_is_not_its_predecessor(qemu, monkeypatch):
+    p = qemu()
+    t = tracker()
+    old = t.adopt(p.pid, "scan")
+    real = targets.start_time
+    monkeypatch.setattr(targets, "start_time", lambda pid: real(pid) + 1)
+    monkeypatch.setattr(targets, "running_qemus", lambda: {p.pid: real(p.pid) + 1})
+    t.rescan()
+    new = t.live(p.pid)
+    assert new is not None and new.vm_id != old.vm_id and old.exited_at is not None
+
+
+def test_exit_event_and_missed_exit(qemu):
+    a, b = qemu("a"), qemu("b")
+    t = tracker(grace=3600)
+    va, vb = t.adopt(a.pid, "exec", 1), t.adopt(b.pid, "exec", 2)
+    t.prog.kernel[a.pid] = SimpleNamespace(vm=1)
+    t.prog.kernel[b.pid] = SimpleNamespace(vm=2)
+    t.follow(SimpleNamespace(kind=abi.K_EXIT, tgid=a.pid, vm=1))
+    assert va.exited_at is not None
+    b.kill()
+    b.wait()
+    t.rescan()  # its exit event was lost: /proc says it is gone
+    assert vb.exited_at is not None and b.pid not in t.prog.kernel
+
+
+def test_rescan_drops_entries_nobody_owns(qemu, monkeypatch):
+    t = tracker()
+    t.prog.entries[999] = 4  # counted by a process whose exit we never saw
+    t.prog.kernel[2 ** 22 + 1] = SimpleNamespace(vm=998)  # a pid that does not exist
+    t.prog.entries[998] = 2
+    t.rescan()
+    assert t.prog.entries == {} and t.prog.kernel == {}
+
+
+def test_exit_of_a_process_never_adopted_drops_its_entries():
+    t = tracker()
+    t.prog.entries[55] = 3
+    t.follow(SimpleNamespace(kind=abi.K_EXIT, tgid=1, vm=55))
+    assert 55 not in t.prog.entries
+
+
+def test_max_vms_refuses_and_drops_what_it_counted(qemu):
+    a, b = qemu("a"), qemu("b")
+    t = tracker(max_vms=1)
+    assert t.adopt(a.pid, "exec", 1) is not None
+    t.prog.kernel[b.pid] = SimpleNamespace(vm=2)
+    t.prog.entries[2] = 7
+    assert t.adopt(b.pid, "exec", 2) is None
+    assert t.refused == 1 and 2 not in t.prog.entries and b.pid not in t.prog.kernel
+
+
+def test_names_are_unique_among_live_vms_only(qemu):
+    a, b = qemu("dup"), qemu("dup")
+    t = tracker(grace=3600)
+    va = t.adopt(a.pid, "exec", 1)
+    vb = t.adopt(b.pid, "exec", 2)
+    assert va.name == "dup" and vb.name != "dup"
+    t.exited(1)
+    c = qemu("dup")
+    assert t.adopt(c.pid, "exec", 3).name == "dup"  # a restarted domain keeps its name
+
+
+def test_not_a_qemu_is_not_adopted_and_its_kernel_entry_goes():
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        t = tracker()
+        t.prog.kernel[p.pid] = SimpleNamespace(vm=9)
+        t.prog.entries[9] = 1
+        assert t.adopt(p.pid, "exec", 9) is None
+        assert p.pid not in t.prog.kernel and 9 not in t.prog.entries
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_forget_removes_every_per_vm_entry(bpf_caps):
+    """On the real program: one entry in each per-VM map for two VMs; forget one."""
+
+
+    from qtrace_bpf.catalog import load_catalog
+    from qtrace_bpf.program import QtraceProgram
+
+    with QtraceProgram(load_catalog()) as prog:
+        for vm in (0x80000101, 0x80000102):
+            for name in abi.PER_VM_MAPS:
+                table = prog.bpf[name]
+                key = table.Key()
+                key.vm = vm
+                table[key] = table.Leaf(1) if not hasattr(table.Leaf, "_fields_") \
+                    else table.Leaf()
+        t = Tracker(prog, FakeBinaries(), max_vms=4, grace=0)
+        t.forget(0x80000101)
+        for name in abi.PER_VM_MAPS:
+            vms = [k.vm for k in prog.bpf[name].keys()]
+            assert vms == [0x80000102], (name, vms)
+
