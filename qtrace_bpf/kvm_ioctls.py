@@ -137,6 +137,8 @@ for _name, _scope, _write in _TABLE:
     BY_NAME[_name] = _entry
 
 STATE_WRITES: frozenset[int] = frozenset(n for n, e in IOCTLS.items() if e.state_write)
+# By name only: what an oracle that decodes ioctls itself (strace) should count.
+STATE_WRITE_NAMES: frozenset[str] = frozenset(name for name, _scope, w in _TABLE if w)
 
 
 def ioctl_name(number: int) -> str:

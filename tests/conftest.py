@@ -17,9 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 QPROBE = [sys.executable, "-m", "qtrace_bpf.cli"]
 # .ci/run sets this: there, a missing capability is a failure, never a skip.
 REQUIRE = os.environ.get("QTRACE_REQUIRE_CAPS") == "1" or os.environ.get("CI") == "true"
-OUR_PROGS = ("qt_entry_", "qt_return_", "tp_enter_ioctl", "tp_exit_ioctl", "kp_kvm_ioctl",
-             "kretp_kvm_ioctl", "kfunc__", "kretfunc__")
-
 
 def require(what: str, ok: bool, how: str) -> None:
     if ok:
@@ -119,19 +116,12 @@ def wait_settled(before: dict[str, set], timeout: float = 10.0) -> dict[str, set
     return left
 
 
-def ours(state: dict[str, set]) -> dict[str, set]:
-    """Programs named as qtrace names them (for tests that cannot take a clean baseline)."""
-    return {"progs": {p for p in state["progs"] if str(p[1]).startswith(OUR_PROGS)}}
-
-
-def wait_no_leftovers(timeout: float = 5.0) -> list:
-    """No program named like ours (when no baseline was taken)."""
-    deadline = time.monotonic() + timeout
-    left = ours(bpf_state())["progs"]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = ours(bpf_state())["progs"]
-    return sorted(left)
+@pytest.fixture
+def nothing_left():
+    """The test must leave the kernel's BPF state as it found it."""
+    before = bpf_state()
+    yield
+    assert wait_settled(before) == {}, "left behind"
 
 
 def _die_with_parent() -> None:

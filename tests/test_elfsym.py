@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QPROBE, ROOT
+from conftest import QPROBE, ROOT, require
 from elf_fixtures import (
     build_all,
     load_segments,
@@ -247,16 +247,14 @@ def test_cache_by_build_id(fixtures, tmp_path):
 def test_debian_qemu(fixtures):
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
-        from conftest import require
-
         require("qemu-system-x86_64", False, "apt-get install qemu-system-x86")
     exported = ["kvm_init_vcpu", "kvm_arch_put_registers", "kvm_cpu_synchronize_post_init",
                 "kvm_cpu_synchronize_post_reset", "qemu_system_reset", "kvm_put_apicbase",
                 "qemu_loadvm_state", "qdev_device_add", "qdev_machine_creation_done"]
     static = ["kvm_apic_reset", "kvm_arch_set_tsc_khz"]
     res = elfsym.resolve(qemu, exported + static)
-    if ".symtab" in res.sources:
-        pytest.skip("this QEMU is not stripped")
+    require("Debian's stripped QEMU", ".symtab" not in res.sources,
+            f"{qemu} has a .symtab: not the stripped package this test is about")
     for name in exported:
         assert res.found[name][0].source == ".dynsym", name
     for name in static:
@@ -348,7 +346,7 @@ def test_fuzz_malformed_elf(fixtures, tmp_path, data):
         assert res.best("lifecycle_step").offset == readelf_offset(fx.full, vaddr)
 
 
-def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures):
+def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures, nothing_left):
     """attach_inlined: a function with no out-of-line copy is still counted, via DWARF."""
 
     from qtrace_bpf.binaries import Binaries

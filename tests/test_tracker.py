@@ -204,7 +204,7 @@ def test_not_a_qemu_is_not_adopted_and_its_kernel_entry_goes():
         p.wait()
 
 
-def test_forget_removes_every_per_vm_entry(bpf_caps):
+def test_forget_removes_every_per_vm_entry(bpf_caps, nothing_left):
     """On the real program: one entry in each per-VM map for two VMs; forget one."""
 
 

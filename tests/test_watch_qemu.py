@@ -10,8 +10,8 @@ import time
 from collections import Counter, defaultdict
 
 import pytest
-from conftest import Watcher, check_kvm, wait_no_leftovers
-from strace_count import count_state_writes
+from conftest import Watcher, added, bpf_state, check_kvm, wait_settled
+from strace_count import count_state_writes, strace_argv
 
 from qtrace_bpf.vm import VM
 
@@ -37,11 +37,12 @@ def lifecycle_run(tmp_path_factory):
     check_kvm()
     tmp = tmp_path_factory.mktemp("strace")
     trace = str(tmp / "strace.out")
+    before = bpf_state()
     vm = VM("lifecycle-e2e", preconfig=True, smp="1,maxcpus=4")
     try:
         watcher = Watcher(vm.pid)
-        strace = subprocess.Popen(["strace", "-f", "-y", "-X", "raw", "-e", "trace=ioctl",
-                                   "-o", trace, "-p", str(vm.pid)],
+        during = added(before, bpf_state())
+        strace = subprocess.Popen([*strace_argv(trace), "-p", str(vm.pid)],
                                   stderr=subprocess.PIPE, text=True)
         # strace says "Process N attached with M threads" once it has seized them all.
         assert strace.stderr is not None
@@ -52,6 +53,9 @@ def lifecycle_run(tmp_path_factory):
         time.sleep(0.5)
         vm.hotplug_cpu()
         time.sleep(0.5)
+        # reading the registers makes the vCPU dirty: QEMU puts them back at level 1
+        vm.cmd("human-monitor-command", **{"command-line": "info registers"})
+        time.sleep(0.3)
         vm.cmd("system_reset")
         time.sleep(1.5)  # SeaBIOS answers with its own hard reboot (guest-reset)
         resets = qmp_resets(vm)
@@ -59,7 +63,8 @@ def lifecycle_run(tmp_path_factory):
         strace.wait(30)
         rc, events = watcher.wait()
         yield {"rc": rc, "events": events[:-1], "summary": events[-1], "resets": resets,
-               "strace": count_state_writes(trace), "watcher": watcher}
+               "strace": count_state_writes(trace), "watcher": watcher, "during": during,
+               "after": wait_settled(before)}
     finally:
         vm.close()
 
@@ -149,8 +154,25 @@ def test_per_vcpu_phase_matrix(lifecycle_run):
     assert seen[(1, "reset")] == {"KVM_SET_LAPIC", "KVM_SET_SREGS2"}
 
 
+def test_put_levels_by_phase(lifecycle_run):
+    """The level of the enclosing kvm_arch_put_registers: 3 (full) at post-init and hotplug,
+    2 at reset, 1 at runtime (after the registers were read)."""
+    ev = lifecycle_run["events"]
+    levels = defaultdict(set)
+    for e in writes(ev, event="KVM_SET_REGS"):
+        levels[(e["vcpu"], e["phase"])].add(e.get("level"))
+    assert levels[(0, "boot")] == {3, 2}, levels  # post_init, then the boot-time reset
+    assert levels[(1, "hotplug")] == {3}, levels
+    assert levels[(0, "reset")] == levels[(1, "reset")] == {2}, levels
+    assert levels[(0, "runtime")] == {1}, levels
+    assert {e.get("level") for e in writes(ev, event="KVM_SET_TSC_KHZ")
+            if e["phase"] != "boot" or e["vcpu"] == 0} <= {3, None}
+
+
 def test_nothing_left_after_target_exit(lifecycle_run):
-    assert wait_no_leftovers() == []
+    """While tracing, programs, maps and perf attachments of ours exist; after, none."""
+    assert {"progs", "maps", "perf"} <= set(lifecycle_run["during"]), lifecycle_run["during"]
+    assert lifecycle_run["after"] == {}
 
 
 def _host_tsc_khz() -> int:
@@ -239,12 +261,16 @@ def test_incoming_migration_phase(kvm_caps, tmp_path):
     assert {"KVM_SET_LAPIC", "KVM_SET_SREGS2"} <= {e["event"] for e in mig
                                                     if e["phase"] == "migration"}
     assert "migration_done" in {e["event"] for e in ev if e["kind"] == "lifecycle"}
+    # the loaded state is put back in full
+    assert {e.get("level") for e in writes(ev, vcpu=0, event="KVM_SET_REGS")
+            if e["phase"] == "migration"} == {3}
     after = [e for e in writes(ev, vcpu=0, event="KVM_SET_LAPIC") if e["phase"] == "reset"]
     assert after and after[0]["cause"] == "host-qmp-system-reset"
 
 
 @pytest.mark.parametrize("how", ["duration", "SIGINT", "SIGTERM", "target exit"])
 def test_every_exit_path_detaches(kvm_caps, how):
+    before = bpf_state()
     with VM(f"exit-{how.replace(' ', '-')}") as vm:
         args = ("--duration", "1.5") if how == "duration" else ()
         w = Watcher(vm.pid, *args)
@@ -260,12 +286,13 @@ def test_every_exit_path_detaches(kvm_caps, how):
     assert events and events[-1]["kind"] == "summary"
     assert events[-1]["stopped_by"] == how
     assert "Traceback" not in w.stderr
-    assert wait_no_leftovers() == []
+    assert wait_settled(before) == {}
 
 
 def test_sigint_while_events_flow(kvm_caps):
     """Ctrl-C may land inside the ring-buffer callback, or twice (an impatient operator):
     watch must still stop, summarise and detach, every time."""
+    before = bpf_state()
     with VM("sigint-busy", paused=False, extra=["-boot", "reboot-timeout=0"]) as vm:
         for delay in (0.3, 0.7, 1.1, 1.6, 2.2):
             w = Watcher(vm.pid)
@@ -278,4 +305,16 @@ def test_sigint_while_events_flow(kvm_caps):
             assert events[-1]["kind"] == "summary" and events[-1]["stopped_by"] == "SIGINT"
             assert "Traceback" not in w.stderr and "Exception ignored" not in w.stderr
         assert qmp_resets(vm)["guest-reset"] >= 1  # events were flowing
-    assert wait_no_leftovers() == []
+    assert wait_settled(before) == {}
+
+
+def test_sigkill_of_the_tracer_leaves_nothing_while_qemu_runs(kvm_caps):
+    """The kernel drops what a killed tracer held; QEMU goes on, untraced, unharmed."""
+    before = bpf_state()
+    with VM("killed-tracer", paused=False) as vm:
+        w = Watcher(vm.pid)
+        assert added(before, bpf_state()).get("progs")
+        w.proc.kill()
+        w.proc.wait(10)
+        assert wait_settled(before) == {}
+        assert vm.proc.poll() is None and vm.cmd("query-status")["status"] == "running"
