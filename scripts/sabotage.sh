@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Break each safety promise on purpose, run the tests that guard it, and restore: every line
+# but one must say FAILED (a struct field added to qtrace.h must PASS: Python follows C).
+# Needs a clean work tree (it restores with `git checkout`).  Takes ~8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "$(git status --porcelain)" ]; then echo "sabotage: commit or stash first" >&2; exit 2; fi
+trap 'git checkout -q -- .' EXIT
+PY=.venv/bin/python
+run() {  # name, expectation, pytest args...
+  local name=$1 want=$2; shift 2
+  local log="${TMPDIR:-/tmp}/sabotage-$name.log" got
+  if timeout 900 "$PY" -m pytest -q -x -p no:cacheprovider "$@" >"$log" 2>&1; then got=PASSED; else got=FAILED; fi
+  printf '%-14s %s (want %s)  %s\n' "$name" "$got" "$want" "$(grep -m1 -E '^(FAILED|ERROR)' "$log")"
+  git checkout -q -- .
+}
+edit() { "$PY" - "$@" <<'P'
+import sys
+path, old, new = sys.argv[1:4]
+text = open(path).read()
+assert old in text, f"{path}: {old!r} not found"
+open(path, "w").write(text.replace(old, new, 1))
+P
+}
+edit probes/catalog.toml '"kvm_arch_put_registers"]' '"kvm_arch_put_registers_gone"]'
+run put_registers FAILED tests/test_watch_qemu.py -k "put_levels or counts_equal or boot_phase"
+edit probes/catalog.toml '"qdev_device_add"]' '"qdev_device_add_gone"]'
+run hotplug FAILED tests/test_watch_qemu.py -k "hotplug or matrix"
+edit qtrace_bpf/kvm_ioctl_numbers.py '"KVM_SET_TSC_KHZ": 0xaea2,' '"KVM_SET_TSC_KHZ": 0xaea1,'
+run tsc_number FAILED tests/test_abi.py tests/test_watch_qemu.py -k "generated or counts_equal"
+edit probes/qtrace.h $'    u32 changed;   // V_* bits: it differed\n    u32 pad;\n' \
+  $'    u32 changed;   // V_* bits: it differed\n    u64 sabotage_extra;\n    u32 pad;\n    u32 pad2;\n'
+run event_field PASSED tests/test_abi.py tests/test_decoders.py tests/test_watch_qemu.py
+edit qtrace_bpf/program.py $'        while self._undo:\n            self._undo.pop()()\n' $'        self._undo.clear()\n'
+run no_detach FAILED tests/test_tracker.py tests/test_elfsym.py -k "forget_removes or inlined_instances"
+edit qtrace_bpf/abi.py 'PER_VM_MAPS = ("vcpu_fds", ' 'PER_VM_MAPS = ('
+run per_vm_map FAILED tests/test_abi.py
