@@ -36,36 +36,68 @@ _FAMILIES = {
 }
 
 
+Labels = tuple[str, ...]
+
+
 class VmCollector:
+    """Per-VM families.  A domain that restarts keeps its `vm` label, and its counters go on:
+    when the old process's entries are forgotten while a VM of the same name remains, its
+    counts are carried (in memory) and added to that name's series."""
+
     def __init__(self, daemon) -> None:  # a qtrace_bpf.daemon.Daemon
         self.daemon = daemon
+        self.carried: dict[str, dict[tuple[str, Labels], int]] = {}
+        daemon.tracker.on_forget = self.carry
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: families depend on what is running
 
-    def collect(self) -> Iterator[Metric]:
-        started = time.perf_counter()
+    def _labels(self, table: str, name: str, row: dict) -> Labels:
+        if table == "reset_counts":
+            return (name, row["cause"], "1" if row["following_host"] else "")
+        return (name, *_FAMILIES[table][3](row))
+
+    def carry(self, gone) -> None:
+        """Tracker.on_forget (the tracker's lock is held)."""
         d = self.daemon
-        vms = d.tracker.snapshot()
-        for table, (name, help_, labels, values) in _FAMILIES.items():
-            sums: dict[tuple[str, ...], int] = defaultdict(int)
+        if not any(v.name == gone.name and v.vm_id != gone.vm_id for v in d.tracker.vms.values()):
+            self.carried.pop(gone.name, None)  # the name is gone with it
+            return
+        into = self.carried.setdefault(gone.name, defaultdict(int))
+        for table in (*_FAMILIES, "reset_counts"):
+            for vm_id, row, n in decoders.rows(d.prog.items(table), table, d.catalog):
+                if vm_id == gone.vm_id:
+                    into[(table, self._labels(table, gone.name, row))] += n
+
+    def _sums(self, vms: dict, carried: dict) -> dict[str, dict[Labels, int]]:
+        d = self.daemon
+        sums: dict[str, dict[Labels, int]] = {t: defaultdict(int)
+                                               for t in (*_FAMILIES, "reset_counts")}
+        for table, into in sums.items():
             for vm_id, row, n in decoders.rows(d.prog.items(table), table, d.catalog):
                 vm = vms.get(vm_id)
                 if vm is not None:
-                    sums[(vm.name, *values(row))] += n
+                    into[self._labels(table, vm.name, row)] += n
+        names = {vm.name for vm in vms.values()}
+        for name, rows in carried.items():
+            if name in names:
+                for (table, labels), n in rows.items():
+                    sums[table][labels] += n
+        return sums
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        d = self.daemon
+        with d.tracker.lock:  # VMs and carried counts from one moment
+            vms = d.tracker.snapshot()
+            carried = {name: dict(rows) for name, rows in self.carried.items()}
+        sums = self._sums(vms, carried)
+        for table, (name, help_, labels, _values) in _FAMILIES.items():
             family = CounterMetricFamily(name, help_, labels=["vm", *labels])
-            for key, n in sums.items():
+            for key, n in sums[table].items():
                 family.add_metric(list(key), n)
             yield family
 
-        resets: dict[tuple[str, str], int] = defaultdict(int)
-        following: dict[tuple[str, str], int] = defaultdict(int)
-        for vm_id, row, n in decoders.rows(d.prog.items("reset_counts"), "reset_counts",
-                                           d.catalog):
-            vm = vms.get(vm_id)
-            if vm is not None:
-                into = following if row["following_host"] else resets
-                into[(vm.name, row["cause"])] += n
         reset_f = CounterMetricFamily(
             "qtrace_vm_resets", "Machine resets by ShutdownCause, as QEMU reports them on QMP",
             labels=["vm", "cause"])
@@ -74,11 +106,12 @@ class VmCollector:
             "Guest-initiated resets within 2 s of a host-requested one (the firmware's reboot "
             "after a QMP system_reset): subtract them to get the unexpected ones",
             labels=["vm", "cause"])
+        resets = sums["reset_counts"]
         for name in sorted({vm.name for vm in vms.values()}):
             for cause in abi.CAUSES[1:]:  # zeros too: increase() sees the first reset
-                reset_f.add_metric([name, cause], resets.get((name, cause), 0))
+                reset_f.add_metric([name, cause], resets.get((name, cause, ""), 0))
             for cause in UNEXPECTED_CAUSES:  # zeros too: alerts subtract one-to-one
-                follow_f.add_metric([name, cause], following.get((name, cause), 0))
+                follow_f.add_metric([name, cause], resets.get((name, cause, "1"), 0))
         yield reset_f
         yield follow_f
 
@@ -124,8 +157,11 @@ class SelfCollector:
                                  labels=["mode"])
         hook.add_metric([d.prog.hook_mode], 1)
         yield hook
-        yield CounterMetricFamily("qtrace_events_lost", "Ring-buffer events dropped (counters "
-                                  "are unaffected)", value=d.prog.events_lost())
+        lost = CounterMetricFamily("qtrace_events_lost", "Ring-buffer events dropped, by kind "
+                                   "(counters are unaffected)", labels=["kind"])
+        for kind, n in d.prog.events_lost().items():
+            lost.add_metric([kind], n)
+        yield lost
         failed = CounterMetricFamily("qtrace_map_updates_failed",
                                      "BPF map inserts refused because the map was full (raise "
                                      "max_vms / max_vcpus_per_vm)", labels=["map"])
@@ -140,8 +176,19 @@ class SelfCollector:
         yield decode
         yield GaugeMetricFamily("qtrace_tracked_vms", "VMs being traced now",
                                 value=sum(1 for v in t.snapshot().values() if v.exited_at is None))
+        yield GaugeMetricFamily("qtrace_tracked_processes", "QEMU processes tracked now, VMs or "
+                                "not yet (no vCPU so far)",
+                                value=sum(1 for v in t.vms.copy().values() if v.exited_at is None))
         yield CounterMetricFamily("qtrace_vms_refused", "VMs not traced because max_vms was "
                                   "reached", value=t.refused)
+        yield CounterMetricFamily("qtrace_non_vm_processes", "QEMU processes that exited "
+                                  "without creating a vCPU (e.g. libvirt's capability probes): "
+                                  "never exported as VMs", value=t.not_vms)
+        errors = CounterMetricFamily("qtrace_attach_errors", "QEMU processes or binaries that "
+                                     "could not be traced, by reason", labels=["reason"])
+        for reason in ("vanished", "unusable_binary", "attach_failed"):
+            errors.add_metric([reason], t.attach_errors.get(reason, 0))
+        yield errors
         yield CounterMetricFamily("qtrace_counting_gaps", "Times counting started late for a VM "
                                   "(daemon restart, missed exec)", value=t.gaps)
         yield GaugeMetricFamily("qtrace_scrape_duration_seconds",

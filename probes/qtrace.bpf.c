@@ -55,7 +55,7 @@ BPF_F_TABLE("hash", struct err_key, u64, error_counts, MAX_VMS * 32, BPF_F_NO_PR
 BPF_F_TABLE("hash", struct lc_key, u64, lifecycle_counts, MAX_VMS * MAX_SLOTS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct reset_key, u64, reset_counts, MAX_VMS * NCAUSES * 2, BPF_F_NO_PREALLOC);
 BPF_ARRAY(update_failed, u64, NMAPS);                            // M_* -> failed inserts
-BPF_ARRAY(events_lost, u64, 1);
+BPF_ARRAY(events_lost, u64, NKINDS);                             // K_* -> events dropped
 BPF_PERCPU_ARRAY(next_vm, u32, 1);                               // VM ids, per CPU
 BPF_RINGBUF_OUTPUT(events, 64);
 
@@ -127,8 +127,8 @@ static __always_inline void init_event(struct event *e, u32 kind, u32 vm, u32 tg
 
 static __always_inline void submit(struct event *e) {
     if (events.ringbuf_output(e, sizeof(*e), 0) < 0) {
-        u32 zero = 0;
-        u64 *lost = events_lost.lookup(&zero);
+        u32 kind = e->kind;
+        u64 *lost = events_lost.lookup(&kind);
         if (lost)
             __sync_fetch_and_add(lost, 1);
     }

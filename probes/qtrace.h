@@ -26,6 +26,7 @@ enum action {
 
 // struct event.kind
 enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
+#define NKINDS 5
 
 // Process-wide windows (struct proc_state.windows bits).
 #define W_RESET 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from . import elfsym
 from .catalog import Catalog, Probe, absent_in
 from .elfsym import Resolution, Symbol
-from .errors import ElfError, QtraceError
+from .errors import AttachError, ElfError
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
@@ -124,34 +124,49 @@ class Binaries:
     """Every QEMU binary file seen, resolved and attached once (or why it could not be)."""
 
     def __init__(self, catalog: Catalog, attach: Callable[[BinaryPlan], None],
-                 debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS):
+                 debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS,
+                 log: Callable[..., None] | None = None):
         self.catalog = catalog
         self._attach = attach  # QtraceProgram.attach_binary
         self.debug_roots = debug_roots
+        self.log = log or (lambda _msg, **_kw: None)
         self.plans: dict[FileKey, BinaryPlan] = {}
         self.errors: dict[FileKey, str] = {}  # files that failed, and why (not retried)
 
     def get(self, path: str, display: str, res: Resolution | None = None) -> BinaryPlan:
-        """The plan of the file at `path`, attaching it the first time (QtraceError if not)."""
+        """The plan of the file at `path`, attaching it the first time (AttachError if not)."""
         try:
             key = file_key(path)
         except OSError as exc:
-            raise QtraceError(f"{display}: {exc.strerror}") from None
+            raise AttachError(f"{display}: {exc.strerror}", "vanished") from None
         if key in self.plans:
             return self.plans[key]
         if key in self.errors:
-            raise QtraceError(self.errors[key])
+            raise AttachError(self.errors[key], "unusable_binary")
         try:
             res = res or resolve(self.catalog, path, display, self.debug_roots)
         except ElfError as exc:  # the file itself is unusable: remembered, not retried
             self.errors[key] = str(exc)
-            raise
+            self.log("binary unusable", level="warning", binary=display, reason=exc)
+            raise AttachError(str(exc), "unusable_binary") from None
         if _same_file(display, key):
             path = display  # outlives the process whose /proc/PID/exe led here
         plan = BinaryPlan(key, path, display, res, plan_probes(self.catalog, res))
         self._attach(plan)  # all of the plan's uprobes, or none (then retried next time)
         self.plans[key] = plan
+        self._log_plan(plan)
         return plan
+
+    def _log_plan(self, plan: BinaryPlan) -> None:
+        """One line per binary: what attached, what is missing and what that costs."""
+        res = plan.resolution
+        missing = plan.missing
+        self.log("binary attached", binary=plan.display, inode=f"{plan.key[0]}:{plan.key[1]}",
+                 build_id=res.build_id or "-", qemu=res.qemu_version or "?",
+                 probes=f"{len(plan.attached) - len(missing)}/{len(plan.attached)}",
+                 missing=", ".join(a.probe.event for a in missing) or None,
+                 lost="; ".join(f"{a.probe.event}: {a.probe.lost}" for a in missing) or None,
+                 hint=res.debug_hint or None)
 
 
 def _same_file(path: str, key: FileKey) -> bool:

@@ -7,7 +7,7 @@ only knows a handful of actions (enum action in probes/qtrace.h, read through ab
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 
 from . import abi
@@ -24,6 +24,7 @@ class Probe:
     functions: tuple[str, ...]
     action: str
     what: str = ""
+    lost: str = ""  # what is lost where it does not resolve
     arg1: str | None = None
     arg2: str | None = None
     inlined: tuple[str, ...] = ()
@@ -78,7 +79,11 @@ def absent_in(probe: Probe, version: str | None) -> bool:
 def parse_catalog(text: str) -> Catalog:
     data = tomllib.loads(text)
     probes = []
+    known = {f.name for f in fields(Probe)} - {"slot"}
     for slot, raw in enumerate(data.get("probe", [])):
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"catalog: {raw.get('event')}: unknown key(s) {', '.join(unknown)}")
         if raw["action"] not in abi.ACTIONS:
             raise ValueError(f"catalog: {raw['event']}: unknown action {raw['action']!r}")
         if raw.get("attach_inlined") and raw["action"] in RETURN_ACTIONS:
@@ -91,6 +96,7 @@ def parse_catalog(text: str) -> Catalog:
                 functions=tuple(raw["functions"]),
                 action=raw["action"],
                 what=raw.get("what", ""),
+                lost=raw.get("lost", ""),
                 arg1=raw.get("arg1"),
                 arg2=raw.get("arg2"),
                 inlined=tuple(raw.get("inlined", ())),

@@ -17,7 +17,8 @@ import time
 from .binaries import Binaries
 from .catalog import load_catalog
 from .config import Config
-from .errors import QtraceError
+from .errors import AttachError, QtraceError
+from .logfmt import Formatter, logger_fn
 from .program import QtraceProgram
 from .tracker import Tracker
 
@@ -38,13 +39,16 @@ class Daemon:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.catalog = load_catalog()
-        self.prog = QtraceProgram(self.catalog, hook=cfg.kernel_hook, log=log.info,
+        self.log = logger_fn(log)
+        self.prog = QtraceProgram(self.catalog, hook=cfg.kernel_hook, log=self.log,
                                   discovery=True, max_vms=cfg.max_vms,
                                   max_vcpus=cfg.max_vcpus_per_vm)
-        self.binaries = Binaries(self.catalog, self.prog.attach_binary, cfg.debug_roots)
+        self.binaries = Binaries(self.catalog, self.prog.attach_binary, cfg.debug_roots,
+                                 log=self.log)
         self.tracker = Tracker(self.prog, self.binaries, max_vms=cfg.max_vms,
-                               grace=cfg.grace_period, log=log.info)
+                               grace=cfg.grace_period, log=self.log)
         self._last_scan = 0.0
+        self.rescan_now = threading.Event()  # SIGHUP: an operator asks for a /proc rescan
         self.last_scrape_seconds = 0.0  # set by the VM collector
 
     def attach_host_binaries(self) -> None:
@@ -55,26 +59,24 @@ class Daemon:
                     continue
                 if not _starts_with_elf_magic(path):
                     # e.g. Debian's qemu-system-i386 is a shell wrapper (xen redirect)
-                    log.debug("binary=%s skipped: not an ELF file (a wrapper script?)", path)
+                    self.log("binary skipped: not an ELF file (a wrapper script?)",
+                             level="debug", binary=path)
                     continue
                 try:
-                    plan = self.binaries.get(os.path.realpath(path), path)
-                except QtraceError as exc:
-                    log.warning("binary=%s cannot attach: %s", path, exc)
-                    continue
-                res = plan.resolution
-                log.info("binary=%s build_id=%s qemu=%s probes_attached=%d probes_missing=%d",
-                         path, res.build_id, res.qemu_version,
-                         len(plan.attached) - len(plan.missing), len(plan.missing))
-                for a in plan.missing:
-                    log.info("binary=%s probe=%s missing: %s", path, a.probe.event, a.reason)
+                    self.binaries.get(os.path.realpath(path), path)
+                except AttachError as exc:
+                    self.tracker.attach_errors[exc.reason] = \
+                        self.tracker.attach_errors.get(exc.reason, 0) + 1
+                    self.log("binary not attached", level="warning", binary=path, error=exc)
 
     def start(self) -> None:
-        self.attach_host_binaries()
         self.rescan()
 
     def rescan(self) -> None:
+        """/proc, and the configured binaries: a package upgrade's new file is attached here,
+        usually before any VM starts from it."""
         self._last_scan = time.monotonic()
+        self.attach_host_binaries()
         self.tracker.rescan()
 
     def run(self, stop: threading.Event) -> None:
@@ -82,7 +84,9 @@ class Daemon:
             self.prog.poll(200)
             while self.prog.events:
                 self.tracker.follow(self.prog.events.popleft())
-            if time.monotonic() - self._last_scan >= self.cfg.rescan_interval:
+            if self.rescan_now.is_set() or \
+                    time.monotonic() - self._last_scan >= self.cfg.rescan_interval:
+                self.rescan_now.clear()
                 self.rescan()
             self.tracker.expire()
 
@@ -112,13 +116,17 @@ def run_daemon(cfg: Config) -> int:
     from qtrace_bpf.exporters.http import serve
     from qtrace_bpf.exporters.metrics import SelfCollector, VmCollector
 
-    logging.basicConfig(level=cfg.log_level.upper(),
-                        format="level=%(levelname)s logger=%(name)s msg=%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(Formatter())
+    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
     started = time.monotonic()
     daemon = Daemon(cfg)
+    daemon.rescan_now = hup
     server = None
     try:
         daemon.start()
@@ -132,13 +140,13 @@ def run_daemon(cfg: Config) -> int:
                            users=cfg.basic_auth_users)
         except OSError as exc:
             raise QtraceError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
-        log.info("listening on %s (%s) kernel_hook=%s binaries=%d vms=%d ready_in=%.2fs",
-                 cfg.listen, "https" if cfg.tls_cert_file else "http",
-                 daemon.prog.hook_mode, len(daemon.binaries.plans), len(daemon.tracker.vms),
-                 time.monotonic() - started)
+        daemon.log("listening", listen=cfg.listen,
+                   scheme="https" if cfg.tls_cert_file else "http",
+                   kernel_hook=daemon.prog.hook_mode, binaries=len(daemon.binaries.plans),
+                   vms=len(daemon.tracker.vms), ready_in=f"{time.monotonic() - started:.2f}s")
         _sd_notify("READY=1")
         daemon.run(stop)
-        log.info("stopping: detaching all probes")
+        daemon.log("stopping: detaching all probes")
         return 0
     finally:
         _sd_notify("STOPPING=1")

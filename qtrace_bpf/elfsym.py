@@ -147,11 +147,13 @@ def _build_id(elf: ELFFile) -> str | None:
     return None
 
 
-def _loads(elf: ELFFile) -> list[tuple[int, int, int]]:
+def _loads(elf: ELFFile, file_size: int) -> list[tuple[int, int, int]]:
+    """PT_LOAD segments (vaddr, filesz, offset) whose bytes are in the file: a segment that
+    points past its end (a truncated or corrupt file) can place no uprobe."""
     return [
         (seg["p_vaddr"], seg["p_filesz"], seg["p_offset"])
         for seg in elf.iter_segments()
-        if seg["p_type"] == "PT_LOAD"
+        if seg["p_type"] == "PT_LOAD" and seg["p_offset"] + seg["p_filesz"] <= file_size
     ]
 
 
@@ -243,7 +245,7 @@ class Binary:
         self.elf, self._stream = _open_elf(path, self.display)
         try:
             self.build_id = _build_id(self.elf)
-            self.loads = _loads(self.elf)
+            self.loads = _loads(self.elf, os.fstat(self._stream.fileno()).st_size)
             self.elf_type = self.elf["e_type"]
         except (_PyElfError, struct.error, ValueError, OSError, EOFError, KeyError) as exc:
             self.close()

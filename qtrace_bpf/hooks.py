@@ -9,11 +9,13 @@ and ioctl type 0xAE; never the raw sys_enter, which taxes every syscall on the h
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 
 MODES = ("fentry", "kprobe", "tracepoint")
 KVM_FUNCS = ("kvm_vcpu_ioctl", "kvm_vm_ioctl")
 TRACEFS = "/sys/kernel/tracing"
+BTF_DIR = "/sys/kernel/btf"
 
 
 @dataclass
@@ -23,16 +25,39 @@ class HookCheck:
     reason: str
 
 
-def _ksym_exists(name: str) -> bool:
+def btf_functions(names: tuple[str, ...]) -> set[str]:
+    """Which of `names` the kernel's BTF knows (vmlinux, or the kvm module's split BTF).
+
+    BTF, not /proc/kallsyms: the shipped unit's ProtectKernelTunables hides kallsyms, and a
+    check that cannot read it must not push a host onto the slow syscall tracepoint.  A
+    name in BTF's string section is what fentry needs (BTF_KIND_FUNC names live there).
+    """
+    found: set[str] = set()
+    for path in (f"{BTF_DIR}/vmlinux", f"{BTF_DIR}/kvm"):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if len(data) < 24 or struct.unpack_from("<H", data)[0] != 0xEB9F:
+            continue
+        hdr_len, _t_off, _t_len, str_off, str_len = struct.unpack_from("<IIIII", data, 4)
+        strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        found |= {n for n in names if b"\0" + n.encode() + b"\0" in strings}
+    return found
+
+
+def traceable_functions(names: tuple[str, ...]) -> set[str] | None:
+    """Which of `names` kprobes may attach to (tracefs), or None when it cannot be read."""
+    root = tracefs_root()
+    if root is None:
+        return None
     try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] == name:
-                    return True
+        with open(os.path.join(root, "available_filter_functions")) as f:
+            wanted = set(names)
+            return {fn for line in f if (fn := line.split(" ", 1)[0].strip()) in wanted}
     except OSError:
-        return False
-    return False
+        return None
 
 
 def tracefs_root() -> str | None:
@@ -45,15 +70,13 @@ def tracefs_root() -> str | None:
 def precheck(mode: str) -> HookCheck:
     """Cheap checks that need no compile: what can be ruled out before trying."""
     if mode == "fentry":
-        if not os.path.exists("/sys/kernel/btf/vmlinux"):
-            return HookCheck(mode, False, "no kernel BTF (/sys/kernel/btf/vmlinux)")
-        missing = [f for f in KVM_FUNCS if not _ksym_exists(f)]
+        if not os.path.exists(f"{BTF_DIR}/vmlinux"):
+            return HookCheck(mode, False, f"no kernel BTF ({BTF_DIR}/vmlinux)")
+        missing = [f for f in KVM_FUNCS if f not in btf_functions(KVM_FUNCS)]
         if missing:
             return HookCheck(mode, False,
-                             f"{', '.join(missing)} not in /proc/kallsyms (kvm not loaded?)")
-        if not _ksym_exists("bpf_trampoline_link_prog"):
-            return HookCheck(mode, False, "kernel has no BPF trampolines")
-        return HookCheck(mode, True, "kernel BTF and BPF trampolines present")
+                             f"{', '.join(missing)} not in the kernel's BTF (kvm not loaded?)")
+        return HookCheck(mode, True, "kernel BTF names kvm_vcpu_ioctl and kvm_vm_ioctl")
     if mode == "kprobe":
         root = tracefs_root()
         pmu = os.path.exists("/sys/bus/event_source/devices/kprobe")
@@ -61,9 +84,13 @@ def precheck(mode: str) -> HookCheck:
         if not (pmu or events):
             return HookCheck(mode, False, "kprobes not available: no kprobe PMU and no "
                              "kprobe_events in tracefs (kernel built without CONFIG_KPROBES?)")
-        missing = [f for f in KVM_FUNCS if not _ksym_exists(f)]
+        known = traceable_functions(KVM_FUNCS)
+        where = "available_filter_functions"
+        if known is None:  # tracefs unreadable: BTF names the functions just as well
+            known, where = btf_functions(KVM_FUNCS), "the kernel's BTF"
+        missing = [f for f in KVM_FUNCS if f not in known]
         if missing:
-            return HookCheck(mode, False, f"{', '.join(missing)} not in /proc/kallsyms")
+            return HookCheck(mode, False, f"{', '.join(missing)} not in {where}")
         return HookCheck(mode, True, "kprobe support present")
     if mode == "tracepoint":
         root = tracefs_root()

@@ -9,19 +9,23 @@ detaches everything.  All calls into BCC internals stay in this module.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
+import errno
 import os
+import signal
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from . import abi, hooks
 from .binaries import BinaryPlan
 from .catalog import Catalog, bpf_source
-from .errors import QtraceError
+from .errors import AttachError, QtraceError
 from .kvm_ioctls import STATE_WRITES
 
-Log = Callable[[str], None]
+Log = Callable[..., None]  # log(msg, level="info", **fields)
 BPF_NOEXIST = 1
 
 
@@ -86,6 +90,31 @@ class _CapturedStderr:
         self._tmp.close()
 
 
+_LOAD_ATTEMPTS = 4
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold catchable signals while the verifier runs: one that lands mid-load makes the
+    kernel answer EAGAIN, which must not read as "this kernel refuses the hook".  Held
+    signals are delivered (and handled) right after."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+            signal.SIGCHLD, signal.SIGWINCH}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _transient(text: str) -> bool:
+    """EAGAIN/EINTR from the kernel: a signal interrupted the load, try again."""
+    return "Resource temporarily unavailable" in text or "Interrupted system call" in text
+
+
 def _refusal(mode: str, failure: str, bcc_stderr: str) -> str:
     lines = [ln.strip() for ln in bcc_stderr.splitlines() if ln.strip()]
     kernel = next((ln for ln in lines if ln.startswith("bpf:")), "")
@@ -124,7 +153,7 @@ class QtraceProgram:
         self.bcc = import_bcc()
         check_kernel_headers()
         self.catalog = catalog
-        self.log = log or (lambda _msg: None)
+        self.log = log or (lambda _msg, **_kw: None)
         self.discovery = discovery
         self.write_events = write_events
         self.max_vms, self.max_vcpus = max_vms, max_vcpus
@@ -163,20 +192,26 @@ class QtraceProgram:
             if not check.usable:
                 self.refusals[mode] = check.reason
                 continue
-            with _CapturedStderr() as captured:
-                try:
-                    self._compile_and_hook(text, mode)
-                    self.hook_mode = mode
-                except Exception as exc:  # BCC raises plain Exception on load/attach failure
-                    failure = str(exc).strip().splitlines()[-1]
-                else:
-                    failure = ""
+            for attempt in range(1, _LOAD_ATTEMPTS + 1):
+                with _CapturedStderr() as captured, _signals_held():
+                    try:
+                        self._compile_and_hook(text, mode)
+                        self.hook_mode = mode
+                    except Exception as exc:  # BCC raises plain Exception on load failures
+                        failure = str(exc).strip().splitlines()[-1]
+                    else:
+                        failure = ""
+                if not _transient(failure + captured.text) or attempt == _LOAD_ATTEMPTS:
+                    break
+                # a signal that landed during the verifier's run: not a refusal
+                self.log("BPF load interrupted, retrying", level="warning", hook=mode,
+                         attempt=attempt, error=failure)
             if failure:
                 self.refusals[mode] = _refusal(mode, failure, captured.text)
                 continue
             for refused, why in self.refusals.items():
-                self.log(f"kernel hook {refused}: refused: {why}")
-            self.log(f"kernel hook: {mode}")
+                self.log("kernel hook refused", hook=refused, reason=why)
+            self.log("kernel hook chosen", hook=mode)
             return
         detail = "; ".join(f"{m}: {r}" for m, r in self.refusals.items())
         raise QtraceError(f"no usable kernel hook on KVM ioctls ({detail})")
@@ -246,10 +281,11 @@ class QtraceProgram:
                             -1, 0)
                 if fd < 0:
                     err = ct.get_errno() or 1
-                    raise QtraceError(
+                    raise AttachError(
                         f"{plan.display}: cannot attach {'uretprobe' if is_return else 'uprobe'}"
                         f" for {self.catalog.by_slot(slot).event} at {plan.path}+{offset:#x}: "
-                        f"{os.strerror(err)}")
+                        f"{os.strerror(err)}",
+                        "vanished" if err in (errno.ENOENT, errno.ESRCH) else "attach_failed")
                 self.bpf._add_uprobe_fd(ev_name, fd)  # BCC's cleanup() detaches it too
                 done.append(ev_name)
         except BaseException:
@@ -325,6 +361,10 @@ class QtraceProgram:
                     pass
         return n
 
+    def vm_ids_with_vcpus(self) -> set[int]:
+        """VM ids the kernel saw create a vCPU (or that were seeded with vCPU fds)."""
+        return {k.vm for k in self.bpf["vcpu_fds"].keys()}
+
     def vm_ids_in_maps(self) -> set[int]:
         ids: set[int] = set()
         for name in abi.PER_VM_MAPS:
@@ -358,8 +398,10 @@ class QtraceProgram:
         """The ctypes key type BCC compiled for a map (from qtrace.h)."""
         return self.bpf[name].Key
 
-    def events_lost(self) -> int:
-        return int(self.bpf["events_lost"][ct.c_int(0)].value)
+    def events_lost(self) -> dict[str, int]:
+        """kind -> ring-buffer events dropped (the ring was full)."""
+        table = self.bpf["events_lost"]
+        return {name: int(table[ct.c_int(k)].value) for k, name in abi.KINDS.items()}
 
     def update_failures(self) -> dict[str, int]:
         """map name -> inserts a full map refused."""

@@ -122,6 +122,14 @@ def start_time(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
+def alive(pid: int, started: int) -> bool:
+    """Is (pid, start time) still the same running process?"""
+    try:
+        return start_time(pid) == started
+    except QtraceError:
+        return False
+
+
 def running_qemus() -> dict[int, int]:
     """pid -> start time of every QEMU process now."""
     out = {}

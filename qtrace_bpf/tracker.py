@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from . import abi, targets
 from .binaries import Binaries, BinaryPlan
-from .errors import QtraceError
+from .errors import AttachError, QtraceError
 
-Log = Callable[[str], None]
+Log = Callable[..., None]  # log(msg, level="info", **fields)
 
 
 @dataclass
@@ -26,12 +26,13 @@ class Vm:
     vm_id: int  # the key of its map entries
     pid: int
     start_time: int  # /proc/PID/stat starttime: (pid, start_time) is the process
-    name: str  # the `vm` label: sanitised, unique among live VMs
+    name: str  # the `vm` label: sanitised; made unique among live VMs once it is one
     uuid: str
     exe: str  # the binary, as an operator names it
     plan: BinaryPlan
     found_by: str  # "exec" (the kernel saw it start) | "scan" (found running)
     exited_at: float | None = None
+    has_vcpus: bool = False  # only a process that creates a vCPU is a VM
 
     @property
     def qemu_version(self) -> str:
@@ -49,12 +50,16 @@ class Tracker:
         self.binaries = binaries
         self.max_vms = max_vms
         self.grace = grace
-        self.log = log or (lambda _msg: None)
+        self.log = log or (lambda _msg, **_kw: None)
         self.lock = threading.RLock()
         self.vms: dict[int, Vm] = {}
         self.refused = 0  # VMs not traced: max_vms reached
         self.gaps = 0  # VMs whose counting started after they did
+        self.not_vms = 0  # QEMU processes that exited without a vCPU (capability probes)
         self.attach_errors: dict[str, int] = {}  # reason -> count
+        # Called (under the lock) before a VM's map entries are deleted: the collector
+        # carries a restarted domain's counts over to the VM that keeps its name.
+        self.on_forget: Callable[[Vm], None] | None = None
         self._next_user_id = abi.USER_VM_ID_BASE
 
     # -- adopt ---------------------------------------------------------------------
@@ -78,7 +83,7 @@ class Tracker:
                 target = targets.open_target(pid)
             except QtraceError as exc:
                 self._drop_kernel(pid, vm_id)
-                self.log(f"pid={pid} not adopted: {exc}")
+                self.log("not adopted", level="debug", pid=pid, reason=exc)
                 return None
             old = self.live(pid)
             if old is not None:
@@ -88,17 +93,20 @@ class Tracker:
             if sum(1 for v in self.vms.values() if v.exited_at is None) >= self.max_vms:
                 self.refused += 1
                 self._drop_kernel(pid, vm_id)
-                self.log(f"pid={pid} vm={target.name!r} refused: max_vms={self.max_vms} reached")
+                self.log("VM refused: max_vms reached", level="warning", pid=pid,
+                         vm=target.name, max_vms=self.max_vms)
                 return None
             display = target.exe.removesuffix(" (deleted)")
             known = len(self.binaries.plans)
             try:
                 plan = self.binaries.get(target.exe_path, display)
-            except QtraceError as exc:
-                reason = "binary" if exc.__class__.__name__ == "ElfError" else "attach"
-                self.attach_errors[reason] = self.attach_errors.get(reason, 0) + 1
+            except AttachError as exc:
                 self._drop_kernel(pid, vm_id)
-                self.log(f"pid={pid} vm={target.name!r} not traced: {exc}")
+                if not targets.alive(pid, start):
+                    exc.reason = "vanished"  # it went away while we looked: not worth a warning
+                self.attach_errors[exc.reason] = self.attach_errors.get(exc.reason, 0) + 1
+                self.log("not traced", level="debug" if exc.reason == "vanished" else "warning",
+                         pid=pid, vm=target.name, reason=exc.reason, error=exc)
                 return None
             fds = targets.vcpu_fds(pid)
             kernel = self.prog.proc(pid)
@@ -113,19 +121,26 @@ class Tracker:
             elif len(self.binaries.plans) > known and fds:
                 # Its binary was attached only now: its boot windows were never seen.
                 self.prog.set_boot_done(pid)
-            vm = Vm(vm_id, pid, start, self._unique_name(target.name, vm_id), target.uuid,
-                    display, plan, found_by)
+            vm = Vm(vm_id, pid, start, target.name, target.uuid, display, plan, found_by)
+            if fds:
+                self._became_vm(vm)
             self.vms[vm_id] = vm
-            self.log(f"vm={vm.name!r} pid={pid} vm_id={vm_id:#x} found_by={found_by} tracking")
+            self.log("tracking", vm=vm.name, pid=pid, vm_id=f"{vm_id:#x}", found_by=found_by,
+                     uuid=vm.uuid or None)
             return vm
 
     def _new_user_id(self) -> int:
         self._next_user_id += 1
         return self._next_user_id
 
-    def _unique_name(self, name: str, vm_id: int) -> str:
-        live = {v.name for v in self.vms.values() if v.exited_at is None and v.vm_id != vm_id}
-        return name if name not in live else f"{name}~{vm_id & 0x7FFFFFFF}"[-targets.VM_NAME_MAX:]
+    def _became_vm(self, vm: Vm) -> None:
+        """It created a vCPU: from now on it is exported, under a name no live VM has.
+        (A -daemonize parent or a capability probe of the same name never takes it.)"""
+        live = {v.name for v in self.vms.values()
+                if v.has_vcpus and v.exited_at is None and v.vm_id != vm.vm_id}
+        if vm.name in live:
+            vm.name = f"{vm.name}~{vm.vm_id & 0x7FFFFFFF}"[-targets.VM_NAME_MAX:]
+        vm.has_vcpus = True
 
     def _drop_kernel(self, pid: int, vm_id: int | None) -> None:
         """Forget what the kernel tracked for a process we do not adopt."""
@@ -158,14 +173,23 @@ class Tracker:
             kernel = self.prog.proc(vm.pid)
             if kernel is not None and kernel.vm == vm_id:
                 self.prog.delete_proc(vm.pid)
-            self.log(f"vm={vm.name!r} pid={vm.pid} exited; series kept for {self.grace}s")
+            if not self._confirm(vm):
+                self.not_vms += 1
+                self.forget(vm_id)  # never exported: nothing to keep for a grace period
+                self.log("exited without creating a vCPU: not a VM", level="debug",
+                         vm=vm.name, pid=vm.pid)
+                return
+            self.log("exited", vm=vm.name, pid=vm.pid, series_kept_s=self.grace)
 
     # -- forget --------------------------------------------------------------------
 
     def forget(self, vm_id: int) -> None:
         """Delete the VM's entries from every per-VM map (abi.PER_VM_MAPS) and its record."""
         with self.lock:
-            vm = self.vms.pop(vm_id, None)
+            vm = self.vms.get(vm_id)
+            if vm is not None and vm.has_vcpus and self.on_forget is not None:
+                self.on_forget(vm)
+            self.vms.pop(vm_id, None)
             if vm is not None:
                 kernel = self.prog.proc(vm.pid)
                 if kernel is not None and kernel.vm == vm_id:
@@ -178,7 +202,7 @@ class Tracker:
             for vm in list(self.vms.values()):
                 if vm.exited_at is not None and now - vm.exited_at >= self.grace:
                     self.forget(vm.vm_id)
-                    self.log(f"vm={vm.name!r} pid={vm.pid} forgotten")
+                    self.log("forgotten", vm=vm.name, pid=vm.pid)
 
     def rescan(self) -> None:
         """Reconcile with /proc: exits we missed, processes we have not seen, stale entries."""
@@ -202,8 +226,20 @@ class Tracker:
             orphans = in_maps - set(self.vms) - alive
             if orphans:
                 n = self.prog.delete_vms(orphans)
-                self.log(f"rescan: removed {n} map entries of {len(orphans)} untracked VM ids")
+                self.log("rescan removed stale map entries", entries=n, vm_ids=len(orphans))
+
+    def _confirm(self, vm: Vm, with_vcpus: set[int] | None = None) -> bool:
+        if not vm.has_vcpus:
+            ids = self.prog.vm_ids_with_vcpus() if with_vcpus is None else with_vcpus
+            if vm.vm_id in ids:
+                self._became_vm(vm)
+        return vm.has_vcpus
 
     def snapshot(self) -> dict[int, Vm]:
+        """The VMs to export, by id: processes that created a vCPU (live or in grace)."""
         with self.lock:
-            return dict(self.vms)
+            pending = [vm for vm in self.vms.values() if not vm.has_vcpus]
+            ids = self.prog.vm_ids_with_vcpus() if pending else set()
+            for vm in pending:
+                self._confirm(vm, ids)
+            return {i: vm for i, vm in self.vms.items() if vm.has_vcpus}

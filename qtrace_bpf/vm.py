@@ -22,10 +22,11 @@ class VM:
 
     def __init__(self, name: str = "qtrace-demo", *, smp: str = "1,maxcpus=4",
                  preconfig: bool = False, paused: bool = True, cpu: str | None = None,
-                 extra: Sequence[str] = (), wrapper: Sequence[str] = (), memory: str = "128"):
+                 extra: Sequence[str] = (), wrapper: Sequence[str] = (), memory: str = "128",
+                 qemu: str | None = None):
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise QtraceError("/dev/kvm is missing or not accessible: KVM is needed")
-        exe = shutil.which(QEMU)
+        exe = qemu or shutil.which(QEMU)
         if exe is None:
             raise QtraceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
         self.name = name
@@ -37,6 +38,8 @@ class VM:
             "-name", f"guest={name},debug-threads=on",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
+        if qemu:  # a binary outside /usr/bin does not find the packaged firmware itself
+            self.argv += ["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]
         if cpu:
             self.argv += ["-cpu", cpu]
         if paused:

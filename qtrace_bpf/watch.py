@@ -15,12 +15,14 @@ from . import binaries, decoders, elfsym, targets
 from .binaries import Binaries
 from .catalog import load_catalog
 from .events import Decoder, render
+from .logfmt import kv
 from .program import QtraceProgram
 from .tracker import Tracker, Vm
 
 
-def log_stderr(msg: str) -> None:
-    print(f"qprobe: {msg}", file=sys.stderr, flush=True)
+def log_stderr(msg: str, **fields: object) -> None:
+    fields.pop("level", None)
+    print(f"qprobe: {msg}{kv(**fields)}", file=sys.stderr, flush=True)
 
 
 def summary(prog: QtraceProgram, vm: Vm, started: float, stopped_by: str, seen: int) -> dict:
@@ -54,7 +56,7 @@ def summary(prog: QtraceProgram, vm: Vm, started: float, stopped_by: str, seen: 
         "resets": resets,
         "resets_following_host": following,
         "events": seen,
-        "events_lost": prog.events_lost(),
+        "events_lost": sum(prog.events_lost().values()),
         "probes_attached": {a.probe.event: a.function for a in vm.plan.attached if a.ok},
         "probes_missing": {a.probe.event: a.reason for a in vm.plan.missing},
     }

@@ -8,7 +8,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 
 APT_PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 qemu-system-x86 python3-venv
           bpftool strace gcc make binutils xz-utils elfutils prometheus iproute2 openssl
-          systemd util-linux)
+          systemd util-linux libvirt-daemon-system libvirt-clients)
 
 if [ "$(id -u)" != 0 ]; then say "must run as root (BPF, /dev/kvm, apt)"; exit 1; fi
 
@@ -34,6 +34,16 @@ if [ ! -e "$kdir/build/include/generated" ] || [ ! -e "$kdir/source/include/linu
   ln -sfn "$hdr" "$kdir/build"
   ln -sfn "$common" "$kdir/source"
   say "kernel headers for $(uname -r) missing: linked $(basename "$hdr") (not an exact match; fine for uprobe/tracepoint programs)"
+fi
+
+# libvirt (integration tests): /dev/kvm is 0600 root on these machines, so QEMU run as
+# libvirt-qemu cannot use KVM, and libvirtd re-probes every binary's capabilities on each
+# `virsh define` (48 s here).  Run the system instance's QEMUs as root, as the test domains'
+# <seclabel> already asks.
+qconf=/etc/libvirt/qemu.conf
+if [ -f "$qconf" ] && [ "$(stat -c %a /dev/kvm 2>/dev/null)" = 600 ] && ! grep -q '^user = "+0"' "$qconf"; then
+  sed -i 's/^#user = "libvirt-qemu"/user = "+0"/; s/^#group = "libvirt-qemu"/group = "+0"/' "$qconf"
+  say "libvirt: QEMU runs as root (/dev/kvm is 0600): $qconf user/group = +0"
 fi
 
 if [ ! -e /sys/kernel/tracing/uprobe_events ]; then

@@ -216,3 +216,20 @@ class Watcher:
     @property
     def stderr(self) -> str:
         return "".join(self.stderr_lines)
+
+
+def kvm_numbers(gcc: str, names) -> dict[int, str]:
+    """ioctl number -> name, as the compiler reads <linux/kvm.h> (for oracles that log
+    numbers, e.g. QEMU's kvm_vcpu_ioctl trace event; independent of qtrace's tables)."""
+    import tempfile
+
+    lines = ["#include <stdio.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for n in sorted(names):
+        lines += [f"#ifdef {n}", f'printf("{n} %lu\\n", (unsigned long)({n}));', "#endif"]
+    lines += ["return 0; }"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "k.c", Path(tmp) / "k"
+        src.write_text("\n".join(lines) + "\n")
+        subprocess.run([gcc, "-o", str(exe), str(src)], check=True)
+        out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {int(v): n for n, v in (ln.split() for ln in out.splitlines())}

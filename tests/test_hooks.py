@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -67,3 +68,26 @@ def test_order():
     assert hooks.order("tracepoint") == ["tracepoint", "fentry", "kprobe"]
     with pytest.raises(ValueError):
         hooks.order("raw_sys_enter")
+
+
+def _doctor(prefix: list[str] = ()) -> dict:
+    r = subprocess.run([*prefix, *QPROBE, "doctor", "--json"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.stdout, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_hook_choice_does_not_need_kallsyms(bpf_caps):
+    """The shipped unit hides /proc/kallsyms (ProtectKernelTunables): the verdicts must be
+    the same without it, or production hosts would fall back to the slow tracepoint."""
+    unshare = shutil.which("unshare")
+    require("unshare", unshare is not None, "apt-get install util-linux")
+    hidden = [unshare, "-m", "--propagation", "private", "sh", "-c",
+              "mount --bind /dev/null /proc/kallsyms && exec \"$@\"", "sh"]
+    probe = subprocess.run([*hidden, "sh", "-c", "wc -c < /proc/kallsyms"], capture_output=True,
+                           text=True)
+    assert probe.stdout.strip() == "0", "kallsyms was not hidden"
+    with_kallsyms, without = _doctor(), _doctor(hidden)
+    assert without["kernel_hook"] == with_kallsyms["kernel_hook"]
+    assert without["kernel_hooks"] == with_kallsyms["kernel_hooks"]
+    assert hooks.precheck("fentry").usable, "BTF names the KVM functions on this kernel"

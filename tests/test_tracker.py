@@ -23,6 +23,7 @@ class FakeProgram:
     def __init__(self) -> None:
         self.kernel: dict[int, SimpleNamespace] = {}  # procs: pid -> proc_state
         self.entries: dict[int, int] = {}  # vm id -> entries in per-VM maps
+        self.vcpus: set[int] = set()  # vm ids that created a vCPU
         self.inserts = 0
 
     def proc(self, pid):
@@ -46,8 +47,14 @@ class FakeProgram:
 
     def set_vcpu_fds(self, vm, fds):
         self.entries[vm] = self.entries.get(vm, 0) + len(fds)
+        if fds:
+            self.vcpus.add(vm)
+
+    def vm_ids_with_vcpus(self):
+        return set(self.vcpus)
 
     def delete_vms(self, vms):
+        self.vcpus -= set(vms)
         return sum(self.entries.pop(vm, 0) for vm in set(vms))
 
     def vm_ids_in_maps(self):
@@ -121,6 +128,7 @@ def test_exec_of_a_tracked_pid_starts_a_new_vm(qemu):
     t = tracker()
     first = t.adopt(p.pid, "exec", 10)
     t.prog.entries[10] = 5
+    t.prog.vcpus.add(10)
     second = t.follow(SimpleNamespace(kind=abi.K_EXEC, tgid=p.pid, vm=11)) or t.live(p.pid)
     assert second.vm_id == 11 and first.exited_at is not None
     assert t.vms[10] is first  # kept for the grace period, then forgotten
@@ -144,6 +152,7 @@ def test_exit_event_and_missed_exit(qemu):
     a, b = qemu("a"), qemu("b")
     t = tracker(grace=3600)
     va, vb = t.adopt(a.pid, "exec", 1), t.adopt(b.pid, "exec", 2)
+    t.prog.vcpus |= {1, 2}
     t.prog.kernel[a.pid] = SimpleNamespace(vm=1)
     t.prog.kernel[b.pid] = SimpleNamespace(vm=2)
     t.follow(SimpleNamespace(kind=abi.K_EXIT, tgid=a.pid, vm=1))
@@ -185,10 +194,41 @@ def test_names_are_unique_among_live_vms_only(qemu):
     t = tracker(grace=3600)
     va = t.adopt(a.pid, "exec", 1)
     vb = t.adopt(b.pid, "exec", 2)
-    assert va.name == "dup" and vb.name != "dup"
+    t.prog.vcpus |= {1, 2}  # both become VMs
+    t.snapshot()
+    assert va.name == "dup" and vb.name == "dup~2"
     t.exited(1)
+    assert 1 in t.vms  # kept for the grace period
     c = qemu("dup")
-    assert t.adopt(c.pid, "exec", 3).name == "dup"  # a restarted domain keeps its name
+    vc = t.adopt(c.pid, "exec", 3)
+    t.prog.vcpus.add(3)
+    t.snapshot()
+    assert vc.name == "dup"  # a restarted domain keeps its name
+
+
+def test_a_process_that_never_becomes_a_vm_takes_no_name(qemu):
+    """A -daemonize parent (or a capability probe) named like the VM does not rename it."""
+    parent, child = qemu("d"), qemu("d")
+    t = tracker()
+    t.adopt(parent.pid, "exec", 1)
+    vc = t.adopt(child.pid, "exec", 2)
+    t.prog.vcpus.add(2)
+    assert list(t.snapshot()) == [2] and vc.name == "d"
+
+
+def test_a_process_without_vcpus_is_never_a_vm(qemu):
+    """libvirt's capability probes: tracked, never exported, gone at exit."""
+    p = qemu("probe")
+    t = tracker(grace=3600)
+    vm = t.adopt(p.pid, "exec", 5)
+    t.prog.entries[5] = 1
+    assert vm is not None and t.snapshot() == {}
+    t.exited(5)
+    assert 5 not in t.vms and 5 not in t.prog.entries and t.not_vms == 1
+    q = qemu("real")
+    t.adopt(q.pid, "exec", 6)
+    t.prog.vcpus.add(6)  # KVM_CREATE_VCPU seen by the kernel
+    assert list(t.snapshot()) == [6]
 
 
 def test_not_a_qemu_is_not_adopted_and_its_kernel_entry_goes():

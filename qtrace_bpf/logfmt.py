@@ -1,0 +1,70 @@
+"""Log lines an operator can grep and a machine can parse: logfmt, with journald priorities.
+
+VM names and command lines come from tenants' tooling: every value is quoted when it holds
+anything but plain characters, so a name with spaces, `=`, quotes or newlines cannot forge a
+field or a line.  Under systemd (JOURNAL_STREAM set) each line starts with `<N>`, the
+priority journald reads (SyslogLevelPrefix=yes, the default).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.:/@+,~%-]+$")
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+def quote(value: object) -> str:
+    """A logfmt value: bare when plain, else double-quoted with escapes."""
+    text = str(value)
+    if _PLAIN.match(text):
+        return text
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif not ch.isprintable():
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def kv(**fields: object) -> str:
+    """' key=value ...' for the fields that are not None."""
+    return "".join(f" {k}={quote(v)}" for k, v in fields.items() if v is not None)
+
+
+class Formatter(logging.Formatter):
+    """level=info msg="..." key=value ...; fields come in `extra={"fields": {...}}`."""
+
+    def __init__(self, journal: bool | None = None) -> None:
+        super().__init__()
+        self.journal = bool(os.environ.get("JOURNAL_STREAM")) if journal is None else journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {}) or {}
+        line = f"level={record.levelname.lower()} msg={quote(record.getMessage())}{kv(**fields)}"
+        if record.exc_info:
+            line += kv(error=self.formatException(record.exc_info))
+        if self.journal:
+            line = f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+        return line
+
+
+def logger_fn(logger: logging.Logger, level: int = logging.INFO):
+    """log(msg, **fields) for the layers below the daemon (they never import logging)."""
+
+    def log(msg: str, **fields: object) -> None:
+        lvl = fields.pop("level", None)
+        lvl = logging.getLevelName(str(lvl).upper()) if lvl is not None else level
+        logger.log(lvl, msg, extra={"fields": fields})
+
+    return log
