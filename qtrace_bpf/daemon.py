@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import threading
 import time
 
 from .binaries import Binaries
@@ -33,6 +32,28 @@ def _starts_with_elf_magic(path: str) -> bool:
         return True  # let the resolver report why it cannot be read
 
 
+class Signals:
+    """What signals asked for, as plain attributes.  A handler must not take a lock (an
+    Event's): it runs in the main thread between two bytecodes, maybe while that thread
+    holds the same lock, and would deadlock."""
+
+    stop = False  # SIGTERM, SIGINT
+    rescan = False  # SIGHUP: an operator asks for a /proc rescan now
+
+    def install(self) -> None:
+        import signal
+
+        def on_stop(*_: object) -> None:
+            self.stop = True
+
+        def on_hup(*_: object) -> None:
+            self.rescan = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
 class Daemon:
     """The program, the binaries and the tracker of one host, and its main loop."""
 
@@ -48,7 +69,7 @@ class Daemon:
         self.tracker = Tracker(self.prog, self.binaries, max_vms=cfg.max_vms,
                                grace=cfg.grace_period, log=self.log)
         self._last_scan = 0.0
-        self.rescan_now = threading.Event()  # SIGHUP: an operator asks for a /proc rescan
+        self.signals = Signals()
         self.last_scrape_seconds = 0.0  # set by the VM collector
 
     def attach_host_binaries(self) -> None:
@@ -79,14 +100,14 @@ class Daemon:
         self.attach_host_binaries()
         self.tracker.rescan()
 
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+    def run(self) -> None:
+        while not self.signals.stop:
             self.prog.poll(200)
             while self.prog.events:
                 self.tracker.follow(self.prog.events.popleft())
-            if self.rescan_now.is_set() or \
+            if self.signals.rescan or \
                     time.monotonic() - self._last_scan >= self.cfg.rescan_interval:
-                self.rescan_now.clear()
+                self.signals.rescan = False
                 self.rescan()
             self.tracker.expire()
 
@@ -109,7 +130,6 @@ def _sd_notify(message: str) -> None:
 
 def run_daemon(cfg: Config) -> int:
     """Serve /metrics until SIGTERM/SIGINT; every probe is detached on the way out."""
-    import signal
 
     from prometheus_client import CollectorRegistry
 
@@ -119,14 +139,11 @@ def run_daemon(cfg: Config) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(Formatter())
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    hup = threading.Event()
-    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    signals = Signals()
+    signals.install()
     started = time.monotonic()
     daemon = Daemon(cfg)
-    daemon.rescan_now = hup
+    daemon.signals = signals
     server = None
     try:
         daemon.start()
@@ -145,7 +162,7 @@ def run_daemon(cfg: Config) -> int:
                    kernel_hook=daemon.prog.hook_mode, binaries=len(daemon.binaries.plans),
                    vms=len(daemon.tracker.vms), ready_in=f"{time.monotonic() - started:.2f}s")
         _sd_notify("READY=1")
-        daemon.run(stop)
+        daemon.run()
         daemon.log("stopping: detaching all probes")
         return 0
     finally:
