@@ -1,60 +1,262 @@
-"""/metrics over HTTP(S) with optional basic auth (bcrypt hashes, as in Prometheus'
-web-config file): prometheus_client serves TLS itself but has no server-side auth."""
+"""/metrics over HTTP(S), so that no client can hold the daemon.
+
+One asyncio loop (its own thread) owns every connection: accepting, the TLS handshake and
+reading a request happen there, each under a timeout, so an idle or slow client costs a
+socket and a few kilobytes, never a thread.  Rendering runs in a small thread pool, and
+scrapes that arrive together share one render (exposition.SharedRender).  Standard library
+only: asyncio gives per-connection timeouts, TLS off the accepting path (StreamWriter.
+start_tls) and IPv4/IPv6 listening without a dependency; the routes are three.
+
+    server = Server(app, [("::", 10471)], web=WebConfig(...))
+    server.start()      # listening when it returns (OSError otherwise)
+    server.shutdown()
+"""
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import concurrent.futures
+import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from .webconfig import BasicAuth, TlsContext, WebConfig
 
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
-        pass
+MAX_HEADER = 16 * 1024
 
 
-def _basic_auth(app: Callable, users: dict[str, str]) -> Callable:
-    import bcrypt  # only needed when users are configured
+@dataclass
+class Limits:
+    max_connections: int = 1024  # at the limit the longest-idle connection makes room
+    workers: int = 4  # render threads
+    read_timeout: float = 10.0  # TLS handshake, and a request's head, must arrive within
+    idle_timeout: float = 30.0  # an idle keep-alive connection is closed after
+    backlog: int = 256
 
-    hashes = {u: h.encode() for u, h in users.items()}
 
-    def wrapped(environ: dict, start_response: Callable) -> Iterable[bytes]:
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if header.startswith("Basic "):
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# App: (method, path, headers) -> Response; runs in a worker thread.
+App = Callable[[str, str, dict[str, str]], Response]
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+
+
+class Server:
+    def __init__(self, app: App, addresses: list[tuple[str, int]], *,
+                 web: WebConfig | None = None, limits: Limits | None = None,
+                 log: Callable[..., None] | None = None):
+        self.app = app
+        self.addresses = addresses
+        self.web = web or WebConfig()
+        self.limits = limits or Limits()
+        self.log = log or (lambda _msg, **_kw: None)
+        self.tls = TlsContext(self.web, self.log) if self.web.tls else None
+        self.auth = BasicAuth(self.web.users)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.limits.workers,
+                                                          thread_name_prefix="qtrace-render")
+        self.active = 0
+        self._idle: dict[asyncio.StreamWriter, float] = {}  # connection -> idle since
+        self.refused = 0  # connections closed at once: max_connections open, none idle
+        self.evicted = 0  # idle connections closed to make room for a new one
+        self.timeouts = 0  # handshakes / requests that did not arrive in time
+        self._loop = asyncio.new_event_loop()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qtrace-http",
+                                        daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        fut.result(30)  # OSError (address in use, no IPv6...) reaches the caller
+
+    async def _listen(self) -> None:
+        tls = {}
+        if self.tls is not None:
+            # The handshake runs in the loop, under its timeout, before _handle; each
+            # connection then takes the current certificates (rotation without a restart).
+            base = self.tls.get()
+            current = self.tls.get
+
+            def take_current(sslobj: ssl.SSLObject, _name: str | None, _ctx) -> None:
+                sslobj.context = current()
+
+            base.sni_callback = take_current  # called for every ClientHello, SNI or not
+            tls = {"ssl": base, "ssl_handshake_timeout": self.limits.read_timeout}
+        for host, port in self.addresses:
+            sock = _bind(host, port)
+            sock.listen(self.limits.backlog)
+            server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEADER, **tls)
+            self._servers.append(server)
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s in self._servers]
+
+    def shutdown(self) -> None:
+        async def close() -> None:
+            for server in self._servers:
+                server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        if self._thread.is_alive():
             try:
-                user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                user, password = "", ""
-            h = hashes.get(user)
-            if h is not None and bcrypt.checkpw(password.encode(), h):
-                return app(environ, start_response)
-        start_response("401 Unauthorized", [("WWW-Authenticate", 'Basic realm="qtrace"'),
-                                            ("Content-Type", "text/plain")])
-        return [b"Unauthorized\n"]
+                asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
-    return wrapped
+    # -- connections ---------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.limits.max_connections and not self._evict_idle():
+            self.refused += 1
+            writer.transport.abort()
+            return
+        self.active += 1
+        try:
+            timeout = self.limits.read_timeout
+            while True:
+                self._idle[writer] = self._loop.time()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+                self._idle.pop(writer, None)
+                if not await self._answer(head, writer):
+                    break
+                timeout = self.limits.idle_timeout  # waiting for the next request
+        except TimeoutError:
+            self.timeouts += 1
+        except asyncio.LimitOverrunError:
+            await self._send(writer, Response(431, b"request head too large\n"), False)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError):
+            pass
+        finally:
+            self._idle.pop(writer, None)
+            self.active -= 1
+            writer.close()
+
+    def _evict_idle(self) -> bool:
+        """At the limit, the connection idle the longest makes room (a scraper's request
+        beats a connection that sends nothing)."""
+        if not self._idle:
+            return False
+        oldest = min(self._idle, key=self._idle.__getitem__)
+        self._idle.pop(oldest)
+        oldest.transport.abort()
+        self.evicted += 1
+        return True
+
+    async def _answer(self, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; True to keep the connection open."""
+        try:
+            request_line, *lines = head.decode("latin-1").split("\r\n")
+            method, target, version = request_line.split(" ")
+        except ValueError:
+            await self._send(writer, Response(400, b"bad request\n"), False)
+            return False
+        headers: dict[str, str] = {}
+        for line in lines:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if "content-length" in headers or "transfer-encoding" in headers:
+            keep = False  # no request bodies here: do not try to find the next request
+        if method not in ("GET", "HEAD"):
+            await self._send(writer, Response(405, b"GET only\n", headers=(("Allow", "GET"),)),
+                             False)
+            return False
+        if self.auth.enabled:
+            ok = await self._loop.run_in_executor(self.pool, self.auth.check,
+                                                  headers.get("authorization"))
+            if not ok:
+                await self._send(writer, Response(401, b"Unauthorized\n", headers=(
+                    ("WWW-Authenticate", 'Basic realm="qtrace"'),)), keep, method)
+                return keep
+        path = target.split("?", 1)[0]
+        resp = await self._loop.run_in_executor(self.pool, self.app, method, path, headers)
+        await self._send(writer, resp, keep, method)
+        return keep
+
+    async def _send(self, writer: asyncio.StreamWriter, resp: Response, keep: bool,
+                    method: str = "GET") -> None:
+        lines = [f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'OK')}",
+                 f"Content-Type: {resp.content_type}", f"Content-Length: {len(resp.body)}",
+                 f"Connection: {'keep-alive' if keep else 'close'}"]
+        lines += [f"{k}: {v}" for k, v in (*resp.headers, *self.web.headers.items())]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if method != "HEAD":
+            writer.write(resp.body)
+        await asyncio.wait_for(writer.drain(), self.limits.read_timeout)
 
 
-def serve(registry: CollectorRegistry, host: str, port: int, *, certfile: str = "",
-          keyfile: str = "", client_cafile: str = "", users: dict[str, str] | None = None):
-    """Start serving in a daemon thread; returns the server (call .shutdown() to stop)."""
-    app = make_wsgi_app(registry)
-    if users:
-        app = _basic_auth(app, users)
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
-    if certfile:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(certfile, keyfile)
-        if client_cafile:
-            ctx.load_verify_locations(client_cafile)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, name="qtrace-http", daemon=True)
-    thread.start()
-    return server
+def _bind(host: str, port: int) -> socket.socket:
+    """IPv4, IPv6, or both for '::' (as node_exporter's ':port' listens)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'HOST:PORT', '[V6]:PORT' or ':PORT' (all addresses, v4 and v6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(value)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(value)  # an IPv6 address needs brackets
+    return host or "::", int(port)
+
+
+LANDING = b"""<!DOCTYPE html>
+<html><head><title>qtrace</title></head><body>
+<h1>qtrace</h1>
+<p>When, on which vCPU and in which lifecycle phase QEMU writes vCPU state into KVM.</p>
+<ul><li><a href="metrics">/metrics</a></li><li><a href="-/healthy">/-/healthy</a></li></ul>
+</body></html>
+"""
+
+
+def make_app(metrics: Callable[[str, bool], bytes],
+             health: Callable[[], tuple[bool, str]]) -> App:
+    """The routes: / (landing page), /metrics, /-/healthy (200 or 503, and why)."""
+    from .exposition import choose_format
+
+    def app(method: str, path: str, headers: dict[str, str]) -> Response:
+        if path == "/metrics":
+            fmt = choose_format(headers.get("accept"))
+            gz = "gzip" in headers.get("accept-encoding", "")
+            extra = (("Content-Encoding", "gzip"),) if gz else ()
+            return Response(200, metrics(fmt, gz), fmt, (*extra, ("Vary", "Accept-Encoding")))
+        if path == "/-/healthy":
+            ok, why = health()
+            return Response(200 if ok else 503, why.encode() + b"\n")
+        if path == "/":
+            return Response(200, LANDING, "text/html; charset=utf-8")
+        return Response(404, b"not found: try /metrics\n")
+
+    return app

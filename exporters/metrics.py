@@ -1,20 +1,24 @@
-"""Prometheus collectors: BPF maps and tracker state read at scrape time, never pushed.
+"""What /metrics says: per-VM families (VmCollector) and qtrace's health (SelfCollector),
+read from the BPF maps and the tracker at scrape time, never pushed; Exposition renders them.
 
 Metric names and labels are a contract (shared/ARCHITECTURE.md): dashboards and alerts
-rely on them.  VmCollector: per-VM families, from the counter maps through decoders.rows();
-samples with equal labels are summed (two processes of one domain name, one restarted
-within the grace period).  SelfCollector: qtrace's own health.
+rely on them.  Per-VM samples with equal labels are summed (two processes of one domain
+name, one restarted within the grace period).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qtrace_bpf import abi, decoders
+from qtrace_bpf import __version__, abi, decoders
+
+from .exposition import OPENMETRICS, Family, SharedRender, render
 
 VM_WIDE = "vm"  # the vcpu label of VM-wide ioctls (KVM_SET_CLOCK, KVM_SET_IRQCHIP, ...)
 # Resets nobody on the host asked for (watchdog and panic actions report guest-reset /
@@ -47,7 +51,8 @@ class VmCollector:
     def __init__(self, daemon) -> None:  # a qtrace_bpf.daemon.Daemon
         self.daemon = daemon
         self.carried: dict[str, dict[tuple[str, Labels], int]] = {}
-        daemon.tracker.on_forget = self.carry
+        self._memo: dict[str, dict[bytes, Labels]] = {}
+        daemon.on_forget = self.carry
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: families depend on what is running
@@ -70,14 +75,25 @@ class VmCollector:
                     into[(table, self._labels(table, gone.name, row))] += n
 
     def _sums(self, vms: dict, carried: dict) -> dict[str, dict[Labels, int]]:
+        """Label tuples -> counts.  A key's bytes after its VM id decode to the same labels
+        every time: decoded once (ROWS), then looked up; ~10x cheaper at 10k series."""
         d = self.daemon
         sums: dict[str, dict[Labels, int]] = {t: defaultdict(int)
                                                for t in (*_FAMILIES, "reset_counts")}
         for table, into in sums.items():
-            for vm_id, row, n in decoders.rows(d.prog.items(table), table, d.catalog):
-                vm = vms.get(vm_id)
-                if vm is not None:
-                    into[self._labels(table, vm.name, row)] += n
+            memo = self._memo.setdefault(table, {})
+            if len(memo) > 200_000:
+                memo.clear()
+            for key, n in d.prog.items(table):
+                raw = bytes(key)
+                vm = vms.get(int.from_bytes(raw[:4], "little"))  # vm is every key's first u32
+                if vm is None:
+                    continue
+                rest = memo.get(raw[4:])
+                if rest is None:
+                    rest = memo[raw[4:]] = self._labels(
+                        table, "", decoders.ROWS[table](key, d.catalog))[1:]
+                into[(vm.name, *rest)] += n
         names = {vm.name for vm in vms.values()}
         for name, rows in carried.items():
             if name in names:
@@ -85,42 +101,46 @@ class VmCollector:
                     sums[table][labels] += n
         return sums
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> list[Family]:
         started = time.perf_counter()
         d = self.daemon
+        if d.prog is None:
+            return []  # still starting: the self-metrics say so
         with d.tracker.lock:  # VMs and carried counts from one moment
             vms = d.tracker.snapshot()
             carried = {name: dict(rows) for name, rows in self.carried.items()}
         sums = self._sums(vms, carried)
-        for table, (name, help_, labels, _values) in _FAMILIES.items():
-            family = CounterMetricFamily(name, help_, labels=["vm", *labels])
-            for key, n in sums[table].items():
-                family.add_metric(list(key), n)
-            yield family
-
-        reset_f = CounterMetricFamily(
+        out = [Family(name, help_, "counter", ("vm", *labels), dict(sums[table]))
+               for table, (name, help_, labels, _values) in _FAMILIES.items()]
+        names = sorted({vm.name for vm in vms.values()})
+        resets = sums["reset_counts"]
+        # every known cause, zeros too: increase() sees a VM's first reset
+        out.append(Family(
             "qtrace_vm_resets", "Machine resets by ShutdownCause, as QEMU reports them on QMP",
-            labels=["vm", "cause"])
-        follow_f = CounterMetricFamily(
+            "counter", ("vm", "cause"),
+            {(n, c): resets.get((n, c, ""), 0) for n in names for c in abi.CAUSES[1:]}))
+        out.append(Family(
             "qtrace_vm_resets_following_host",
             "Guest-initiated resets within 2 s of a host-requested one (the firmware's reboot "
             "after a QMP system_reset): subtract them to get the unexpected ones",
-            labels=["vm", "cause"])
-        resets = sums["reset_counts"]
-        for name in sorted({vm.name for vm in vms.values()}):
-            for cause in abi.CAUSES[1:]:  # zeros too: increase() sees the first reset
-                reset_f.add_metric([name, cause], resets.get((name, cause, ""), 0))
-            for cause in UNEXPECTED_CAUSES:  # zeros too: alerts subtract one-to-one
-                follow_f.add_metric([name, cause], resets.get((name, cause, "1"), 0))
-        yield reset_f
-        yield follow_f
-
-        info = GaugeMetricFamily("qtrace_vm_info", "One series per traced VM, value 1",
-                                 labels=["vm", "pid", "uuid", "qemu_version", "build_id"])
-        for vm in vms.values():
-            info.add_metric([vm.name, str(vm.pid), vm.uuid, vm.qemu_version, vm.build_id], 1)
+            "counter", ("vm", "cause"),
+            {(n, c): resets.get((n, c, "1"), 0) for n in names for c in UNEXPECTED_CAUSES}))
+        out.append(Family(
+            "qtrace_vm_info", "One series per traced VM, value 1", "gauge",
+            ("vm", "pid", "uuid", "qemu_version", "build_id"),
+            {(vm.name, str(vm.pid), vm.uuid, vm.qemu_version, vm.build_id): 1
+             for vm in vms.values()}))
         d.last_scrape_seconds = time.perf_counter() - started
-        yield info
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        """The same families through prometheus_client (its registry, its renderer)."""
+        for fam in self.families():
+            cls = CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily
+            metric = cls(fam.name, fam.help, labels=list(fam.labels))
+            for labels, value in fam.samples.items():
+                metric.add_metric(list(labels), value)
+            yield metric
 
 
 class SelfCollector:
@@ -132,6 +152,31 @@ class SelfCollector:
 
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
+        yield GaugeMetricFamily("qtrace_ready", "1 once the kernel hook is attached and the "
+                                "host's QEMU processes were scanned", value=1 if d.ready else 0)
+        stage = GaugeMetricFamily("qtrace_startup_info", "What the daemon is doing (start-up "
+                                  "stages, then tracing)", labels=["stage"])
+        stage.add_metric([d.stage], 1)
+        yield stage
+        build = GaugeMetricFamily("qtrace_build_info", "qtrace's version and what it runs on",
+                                  labels=["version", "python", "bcc", "kernel", "abi"])
+        build.add_metric([__version__, platform.python_version(), _bcc_version(),
+                          os.uname().release, str(abi.QTRACE_ABI_VERSION)], 1)
+        yield build
+        http = getattr(d, "http", None)
+        if http is not None:
+            yield GaugeMetricFamily("qtrace_http_connections", "HTTP connections open now",
+                                    value=http.active)
+            closed = CounterMetricFamily(
+                "qtrace_http_connections_closed", "HTTP connections the server closed: "
+                "evicted (idle, to make room), refused (at max_connections), timeout",
+                labels=["reason"])
+            for reason, n in (("evicted", http.evicted), ("refused", http.refused),
+                              ("timeout", http.timeouts)):
+                closed.add_metric([reason], n)
+            yield closed
+        if d.prog is None:
+            return
         t = d.tracker
         attached = GaugeMetricFamily("qtrace_probes_attached",
                                      "Catalog probes attached per QEMU binary",
@@ -194,3 +239,40 @@ class SelfCollector:
         yield GaugeMetricFamily("qtrace_scrape_duration_seconds",
                                 "Time the last collection of the per-VM families took",
                                 value=d.last_scrape_seconds)
+
+
+def _bcc_version() -> str:
+    try:
+        import bcc  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    return getattr(bcc, "__version__", "")
+
+
+class Exposition:
+    """/metrics for one daemon: the per-VM families rendered directly, qtrace's own through
+    prometheus_client (with its process_* collector); concurrent scrapes share renders."""
+
+    def __init__(self, daemon, share_window: float = 0.25) -> None:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.vms = VmCollector(daemon)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SelfCollector(daemon))
+        ProcessCollector(registry=self.registry)
+        self.shared = SharedRender(self._render, share_window)
+
+    def _render(self, fmt: str) -> bytes:
+        from prometheus_client import exposition
+        from prometheus_client.openmetrics import exposition as openmetrics
+
+        if fmt == OPENMETRICS:
+            own = openmetrics.generate_latest(self.registry)
+            own = own.removesuffix(b"# EOF\n")
+            return render(self.vms.families(), fmt).encode() + own + b"# EOF\n"
+        return render(self.vms.families(), fmt).encode() + exposition.generate_latest(
+            self.registry)
+
+    def get(self, fmt: str, gzipped: bool) -> bytes:
+        return self.shared.get(fmt, gzipped)

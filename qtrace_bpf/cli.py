@@ -115,15 +115,22 @@ def doctor(as_json: bool) -> None:
 
 @main.command()
 @click.option("--listen", default=None, metavar="HOST:PORT",
-              help="Serve /metrics here (default 0.0.0.0:10471, or the config's `listen`).")
+              help="Serve /metrics here: 127.0.0.1:10471, [::1]:10471, or :10471 for every "
+                   "IPv4 and IPv6 address (default 0.0.0.0:10471, or the config's `listen`).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file (see systemd/qtrace.toml for every key).")
+@click.option("--web.config.file", "web_config_file", type=click.Path(dir_okay=False),
+              default=None, help="Prometheus exporter-toolkit web config (YAML: "
+                                 "tls_server_config, basic_auth_users), as node_exporter takes.")
 @click.option("--hook", type=HOOK_CHOICE, default=None,
               help="Kernel hook on KVM ioctls (default: the config's, else auto).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Log verbosity (logs go to stderr: the journal).")
-def daemon(listen: str | None, config_path: str | None, hook: str | None,
-           log_level: str | None) -> None:
+@click.option("--check-config", is_flag=True,
+              help="Check the config and web config (types, ranges, certificates, bcrypt "
+                   "hashes), print what was found, exit 0 or 1; attaches nothing.")
+def daemon(listen: str | None, config_path: str | None, web_config_file: str | None,
+           hook: str | None, log_level: str | None, check_config: bool) -> None:
     """Trace every QEMU on this host and serve Prometheus metrics.
 
     \b
@@ -135,13 +142,34 @@ def daemon(listen: str | None, config_path: str | None, hook: str | None,
       qtrace_vm_resets_total{vm,cause}
       qtrace_kvm_ioctl_errors_total{vm,ioctl}
       qtrace_vm_info{vm,pid,uuid,qemu_version,build_id}
-    plus self-metrics (probes attached/missing, kernel hook, events lost, ...).
+    plus self-metrics (probes attached/missing, kernel hook, events lost, ...),
+    a landing page at / and /-/healthy.
+
+    \b
+    Examples:
+      qprobe daemon --config /etc/qtrace/qtrace.toml
+      qprobe daemon --listen :10471 --web.config.file /etc/qtrace/web.yml
+      qprobe daemon --config /etc/qtrace/qtrace.toml --check-config
     """
     from .config import load_config
+
+    overrides = dict(listen=listen, kernel_hook=hook, log_level=log_level,
+                     web_config_file=web_config_file)
+    if check_config:
+        try:
+            cfg = load_config(config_path, **overrides)
+        except QtraceError as exc:
+            click.echo(f"qprobe: config error: {exc}", err=True)
+            sys.exit(1)
+        for warning in cfg.warnings:
+            click.echo(f"qprobe: warning: {warning}", err=True)
+        auth = f", basic auth for {len(cfg.web.users)} user(s)" if cfg.web.users else ""
+        click.echo(f"config OK: listen {cfg.listen} ({'https' if cfg.web.tls else 'http'}{auth}), "
+                   f"max_vms {cfg.max_vms}, kernel hook {cfg.kernel_hook}")
+        sys.exit(0)
     from .daemon import run_daemon
 
-    cfg = load_config(config_path, listen=listen, kernel_hook=hook, log_level=log_level)
-    sys.exit(run_daemon(cfg))
+    sys.exit(run_daemon(load_config(config_path, **overrides)))
 
 
 @main.command()

@@ -1,9 +1,16 @@
-"""Daemon configuration: a TOML file (systemd/qtrace.toml documents every key), flags win."""
+"""Daemon configuration: a TOML file (systemd/qtrace.toml documents every key), flags win.
+
+Every key is checked at start: its type and range, with an error that names the key, the
+value and what is expected.  Unknown keys are warned about (a typo must not stop a fleet
+upgrade), and `qprobe daemon --check-config` says all of it without attaching anything.
+"""
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
+
+from qtrace_bpf.exporters.webconfig import WebConfig, load_web_config, parse_web_config
 
 from .elfsym import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
@@ -11,6 +18,7 @@ from .hooks import MODES
 
 DEFAULT_PORT = 10471  # outside 9100-9999, which Prometheus' exporter registry has allocated
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -26,11 +34,10 @@ class Config:
     rescan_interval: float = 30.0  # safety net behind exec/exit discovery
     max_vms: int = 1024  # VMs tracked at once; more are refused (and counted)
     max_vcpus_per_vm: int = 64  # with max_vms, sizes the BPF maps at load
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
-    # Prometheus web-config style: user -> bcrypt hash
-    basic_auth_users: dict[str, str] = field(default_factory=dict)
+    max_connections: int = 1024  # HTTP connections at once; the longest idle makes room
+    web_config_file: str = ""  # Prometheus exporter-toolkit web config (YAML)
+    web: WebConfig = field(default_factory=WebConfig)  # TLS and basic auth, from either
+    warnings: tuple[str, ...] = ()  # said at start (unknown keys)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -38,16 +45,64 @@ class Config:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise QtraceError(f"listen address {value!r}: expected HOST:PORT (e.g. 127.0.0.1:"
-                          f"{DEFAULT_PORT})")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    from qtrace_bpf.exporters.http import parse_listen as parse
+
+    try:
+        return parse(value)
+    except ValueError:
+        raise QtraceError(f"listen address {value!r}: expected HOST:PORT, [IPV6]:PORT or "
+                          f":PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, [::]:{DEFAULT_PORT})") from None
+
+
+def _number(key: str, value: object, *, integer: bool, lo: float, hi: float) -> float | int:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            (integer and not isinstance(value, int)):
+        raise QtraceError(f"{key} = {value!r}: expected {kind} from {lo:g} to {hi:g}")
+    if not lo <= value <= hi:
+        raise QtraceError(f"{key} = {value!r}: out of range, expected {lo:g} to {hi:g}")
+    return value
+
+
+def _strings(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise QtraceError(f"{key} = {value!r}: expected a list of strings, e.g. "
+                          f'{key} = ["{value if isinstance(value, str) else "..."}"]')
+    return tuple(value)
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise QtraceError(f"{key} = {value!r}: expected one of {', '.join(choices)}")
+    return str(value)
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise QtraceError(f"{key} = {value!r}: expected a string")
+    return value
+
+
+# key -> how its value is checked (and converted)
+_KEYS = {
+    "listen": lambda k, v: parse_listen(_string(k, v)) and v,
+    "log_level": lambda k, v: _choice(k, v, LOG_LEVELS),
+    "kernel_hook": lambda k, v: _choice(k, v, ("auto", *MODES)),
+    "debug_roots": _strings,
+    "qemu_binaries": _strings,
+    "grace_period": lambda k, v: float(_number(k, v, integer=False, lo=0, hi=30 * 86400)),
+    "rescan_interval": lambda k, v: float(_number(k, v, integer=False, lo=0.5, hi=3600)),
+    "max_vms": lambda k, v: _number(k, v, integer=True, lo=1, hi=65536),
+    "max_vcpus_per_vm": lambda k, v: _number(k, v, integer=True, lo=1, hi=4096),
+    "max_connections": lambda k, v: _number(k, v, integer=True, lo=16, hi=65536),
+    "web_config_file": _string,
+}
+_WEB_KEYS = ("tls", "basic_auth_users")  # TOML spelling of the web config's two parts
 
 
 def load_config(path: str | None, **overrides: object) -> Config:
     """Defaults, then the file, then non-None overrides (command-line flags)."""
-    cfg = Config()
+    data: dict = {}
     if path:
         try:
             with open(path, "rb") as f:
@@ -56,24 +111,30 @@ def load_config(path: str | None, **overrides: object) -> Config:
             raise QtraceError(f"config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise QtraceError(f"config {path}: not valid TOML: {exc}") from None
-        tls = data.pop("tls", {}) or {}
-        for key, value in tls.items():
-            data[f"tls_{key}"] = value
-        known = {f.name for f in fields(Config)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise QtraceError(f"config {path}: unknown key(s): {', '.join(unknown)}")
-        for key in ("debug_roots", "qemu_binaries"):
-            if key in data:
-                data[key] = tuple(data[key])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    where = f"config {path}" if path else "config"
+    values: dict = {}
+    warnings = []
+    for key, value in data.items():
+        if key in _WEB_KEYS:
+            continue
+        check = _KEYS.get(key)
+        if check is None:
+            warnings.append(f"{where}: unknown key {key!r} ignored (known: "
+                            f"{', '.join(sorted((*_KEYS, *_WEB_KEYS)))})")
+            continue
         try:
-            cfg = replace(cfg, **data)
-        except TypeError as exc:
-            raise QtraceError(f"config {path}: {exc}") from None
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    parse_listen(cfg.listen)
-    if cfg.kernel_hook not in ("auto", *MODES):
-        raise QtraceError(f"kernel_hook {cfg.kernel_hook!r}: one of auto, {', '.join(MODES)}")
-    if bool(cfg.tls_cert_file) != bool(cfg.tls_key_file):
-        raise QtraceError("tls: cert_file and key_file go together")
-    return cfg
+            values[key] = check(key, value)
+        except QtraceError as exc:
+            raise QtraceError(f"{where}: {exc}") from None
+    web_file = values.get("web_config_file", "")
+    if web_file and any(k in data for k in _WEB_KEYS):
+        raise QtraceError(f"{where}: web_config_file and [tls]/[basic_auth_users] both set: "
+                          "keep one")
+    if web_file:
+        values["web"] = load_web_config(web_file)
+    elif any(k in data for k in _WEB_KEYS):
+        values["web"] = parse_web_config({"tls_server_config": data.get("tls") or {},
+                                          "basic_auth_users": data.get("basic_auth_users") or {}},
+                                         where)
+    return replace(Config(), **values, warnings=tuple(warnings))

@@ -55,22 +55,37 @@ class Signals:
 
 
 class Daemon:
-    """The program, the binaries and the tracker of one host, and its main loop."""
+    """The program, the binaries and the tracker of one host, and its main loop.
+
+    Built in two steps so that /metrics answers from the first second: __init__ is cheap,
+    load() compiles and attaches (seconds), start() scans the host.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.catalog = load_catalog()
         self.log = logger_fn(log)
-        self.prog = QtraceProgram(self.catalog, hook=cfg.kernel_hook, log=self.log,
-                                  discovery=True, max_vms=cfg.max_vms,
-                                  max_vcpus=cfg.max_vcpus_per_vm)
-        self.binaries = Binaries(self.catalog, self.prog.attach_binary, cfg.debug_roots,
-                                 log=self.log)
-        self.tracker = Tracker(self.prog, self.binaries, max_vms=cfg.max_vms,
-                               grace=cfg.grace_period, log=self.log)
+        self.prog: QtraceProgram | None = None
+        self.binaries: Binaries | None = None
+        self.tracker: Tracker | None = None
+        self.on_forget = None  # set by the VM collector: a restarted domain's counts carry on
+        self.stage = "starting"
+        self.ready = False
         self._last_scan = 0.0
         self.signals = Signals()
         self.last_scrape_seconds = 0.0  # set by the VM collector
+        self.http = None  # the /metrics server, for its self-metrics
+
+    def load(self) -> None:
+        self.stage = "loading the BPF program"
+        self.prog = QtraceProgram(self.catalog, hook=self.cfg.kernel_hook, log=self.log,
+                                  discovery=True, max_vms=self.cfg.max_vms,
+                                  max_vcpus=self.cfg.max_vcpus_per_vm)
+        self.binaries = Binaries(self.catalog, self.prog.attach_binary, self.cfg.debug_roots,
+                                 log=self.log)
+        self.tracker = Tracker(self.prog, self.binaries, max_vms=self.cfg.max_vms,
+                               grace=self.cfg.grace_period, log=self.log)
+        self.tracker.on_forget = self.on_forget
 
     def attach_host_binaries(self) -> None:
         """The configured QEMU binaries, before any VM exists: VMs are traced from exec."""
@@ -91,7 +106,10 @@ class Daemon:
                     self.log("binary not attached", level="warning", binary=path, error=exc)
 
     def start(self) -> None:
+        self.stage = "attaching QEMU binaries and scanning /proc"
         self.rescan()
+        self.stage = "tracing"
+        self.ready = True
 
     def rescan(self) -> None:
         """/proc, and the configured binaries: a package upgrade's new file is attached here,
@@ -100,7 +118,21 @@ class Daemon:
         self.attach_host_binaries()
         self.tracker.rescan()
 
-    def run(self) -> None:
+    def healthy(self) -> tuple[bool, str]:
+        """/-/healthy: the kernel hook and the binaries' probes attached, events flowing."""
+        if not self.ready:
+            return False, f"not ready: {self.stage}"
+        plans = list(self.binaries.plans.values())
+        ok = sum(len(p.attached) - len(p.missing) for p in plans)
+        total = sum(len(p.attached) for p in plans)
+        return True, (f"ok: kernel hook {self.prog.hook_mode}, {len(plans)} QEMU binaries, "
+                      f"{ok}/{total} probes attached, "
+                      f"{sum(1 for v in self.tracker.vms.values() if v.exited_at is None)} "
+                      "QEMU processes tracked")
+
+    def run(self, notify=None) -> None:
+        """Until SIGTERM/SIGINT.  notify: the systemd watchdog, kicked from this loop (a
+        stuck loop is what the watchdog is for)."""
         while not self.signals.stop:
             self.prog.poll(200)
             while self.prog.events:
@@ -110,63 +142,84 @@ class Daemon:
                 self.signals.rescan = False
                 self.rescan()
             self.tracker.expire()
+            if notify is not None:
+                notify.watchdog()
 
     def close(self) -> None:
-        self.prog.close()
+        if self.prog is not None:
+            self.prog.close()
 
 
-def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) we are ready; a no-op outside systemd."""
-    import socket
+class Notifier:
+    """sd_notify (Type=notify): READY, STATUS, the watchdog, STOPPING.  A no-op outside
+    systemd, and never an error: a failed notification must not skip the shutdown path."""
 
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), addr)
+    def __init__(self, log) -> None:
+        import socket
+
+        self.log = log
+        addr = os.environ.get("NOTIFY_SOCKET", "")
+        self.addr = "\0" + addr[1:] if addr.startswith("@") else addr
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        self.interval = int(usec) / 2e6 if usec.isdigit() else 0.0
+        self._kicked = 0.0
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self.addr else None
+
+    def send(self, message: str) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto(message.encode(), self.addr)
+        except OSError as exc:
+            self.log("sd_notify failed", level="debug", message=message, error=exc)
+
+    def watchdog(self) -> None:
+        if self.interval and time.monotonic() - self._kicked >= self.interval:
+            self._kicked = time.monotonic()
+            self.send("WATCHDOG=1")
 
 
 def run_daemon(cfg: Config) -> int:
-    """Serve /metrics until SIGTERM/SIGINT; every probe is detached on the way out."""
-
-    from prometheus_client import CollectorRegistry
-
-    from qtrace_bpf.exporters.http import serve
-    from qtrace_bpf.exporters.metrics import SelfCollector, VmCollector
+    """Serve /metrics from the first second; trace until SIGTERM/SIGINT; every probe is
+    detached on the way out."""
+    from qtrace_bpf.exporters.http import Limits, Server, make_app
+    from qtrace_bpf.exporters.metrics import Exposition
 
     handler = logging.StreamHandler()
     handler.setFormatter(Formatter())
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
+    for warning in cfg.warnings:
+        log.warning(warning)
     signals = Signals()
     signals.install()
     started = time.monotonic()
     daemon = Daemon(cfg)
     daemon.signals = signals
-    server = None
+    notify = Notifier(daemon.log)
+    exposition = Exposition(daemon)
+    server = Server(make_app(exposition.get, daemon.healthy), [cfg.host_port], web=cfg.web,
+                    limits=Limits(max_connections=cfg.max_connections), log=daemon.log)
+    daemon.http = server  # its connection counters are self-metrics
     try:
+        server.start()
+    except OSError as exc:
+        server.shutdown()
+        raise QtraceError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
+    daemon.log("listening", listen=cfg.listen, scheme="https" if cfg.web.tls else "http",
+               auth="basic" if cfg.web.users else None)
+    try:
+        notify.send("STATUS=loading the BPF program")
+        daemon.load()
+        notify.send("STATUS=attaching QEMU binaries, scanning /proc")
         daemon.start()
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(VmCollector(daemon))
-        registry.register(SelfCollector(daemon))
-        host, port = cfg.host_port
-        try:
-            server = serve(registry, host, port, certfile=cfg.tls_cert_file,
-                           keyfile=cfg.tls_key_file, client_cafile=cfg.tls_client_ca_file,
-                           users=cfg.basic_auth_users)
-        except OSError as exc:
-            raise QtraceError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
-        daemon.log("listening", listen=cfg.listen,
-                   scheme="https" if cfg.tls_cert_file else "http",
-                   kernel_hook=daemon.prog.hook_mode, binaries=len(daemon.binaries.plans),
-                   vms=len(daemon.tracker.vms), ready_in=f"{time.monotonic() - started:.2f}s")
-        _sd_notify("READY=1")
-        daemon.run()
+        daemon.log("tracing", kernel_hook=daemon.prog.hook_mode,
+                   binaries=len(daemon.binaries.plans), vms=len(daemon.tracker.vms),
+                   ready_in=f"{time.monotonic() - started:.2f}s")
+        notify.send(f"READY=1\nSTATUS=tracing with kernel hook {daemon.prog.hook_mode}")
+        daemon.run(notify)
         daemon.log("stopping: detaching all probes")
         return 0
     finally:
-        _sd_notify("STOPPING=1")
-        if server is not None:
-            server.shutdown()
+        notify.send("STOPPING=1")
+        server.shutdown()
         daemon.close()

@@ -40,10 +40,45 @@ def import_bcc():
     return bcc
 
 
+_CAPS = {"CAP_SYS_ADMIN": 21, "CAP_SYS_PTRACE": 19, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def effective_caps() -> set[str]:
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return set()
+    return {name for name, bit in _CAPS.items() if eff & (1 << bit)}
+
+
 def check_privileges() -> None:
-    if os.geteuid() != 0:
-        raise QtraceError("permission denied: loading BPF programs needs root (or CAP_BPF, "
-                          "CAP_PERFMON and CAP_SYS_PTRACE)")
+    """Root, or the capabilities the shipped unit grants: said by name when one is missing."""
+    caps = effective_caps()
+    if "CAP_SYS_ADMIN" in caps:
+        return
+    missing = [c for c in ("CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE") if c not in caps]
+    if missing:
+        who = "running as root but " if os.geteuid() == 0 else ""
+        raise QtraceError(f"permission denied: {who}missing capability {', '.join(missing)} "
+                          "(loading BPF programs needs root, or CAP_BPF, CAP_PERFMON and "
+                          "CAP_SYS_PTRACE)")
+
+
+def resource_problem(text: str) -> str | None:
+    """A load that failed for want of a resource, named as such (not "does not compile")."""
+    import resource
+
+    if "Too many open files" in text:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return (f"file-descriptor limit too low: {soft} open files (RLIMIT_NOFILE; the unit's "
+                "LimitNOFILE=): loading the BPF program needs a few hundred")
+    if "Cannot allocate memory" in text or "Operation not permitted" in text and \
+            "memlock" in text.lower():
+        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        return (f"locked-memory limit too low ({soft} bytes, RLIMIT_MEMLOCK; LimitMEMLOCK=) or "
+                "the kernel is out of memory for BPF maps: raise it, or lower max_vms")
+    return None
 
 
 def kernel_headers_dir() -> str:
@@ -116,6 +151,9 @@ def _transient(text: str) -> bool:
 
 
 def _refusal(mode: str, failure: str, bcc_stderr: str) -> str:
+    problem = resource_problem(failure + bcc_stderr)
+    if problem:
+        return f"{mode} program cannot load: {problem}"
     lines = [ln.strip() for ln in bcc_stderr.splitlines() if ln.strip()]
     kernel = next((ln for ln in lines if ln.startswith("bpf:")), "")
     if "super-user" in failure and os.geteuid() == 0:
@@ -158,6 +196,7 @@ class QtraceProgram:
         self.write_events = write_events
         self.max_vms, self.max_vcpus = max_vms, max_vcpus
         self.refusals: dict[str, str] = {}
+        self._failures: list[str] = []  # raw load errors, for resource_problem()
         self.hook_mode = ""
         self.events: deque = deque()  # ring-buffer events (struct event copies), oldest first
         self.uprobe_count = 0
@@ -207,6 +246,7 @@ class QtraceProgram:
                 self.log("BPF load interrupted, retrying", level="warning", hook=mode,
                          attempt=attempt, error=failure)
             if failure:
+                self._failures.append(failure + captured.text)
                 self.refusals[mode] = _refusal(mode, failure, captured.text)
                 continue
             for refused, why in self.refusals.items():
@@ -214,6 +254,9 @@ class QtraceProgram:
             self.log("kernel hook chosen", hook=mode)
             return
         detail = "; ".join(f"{m}: {r}" for m, r in self.refusals.items())
+        problems = [p for p in map(resource_problem, self._failures) if p]
+        if problems:
+            raise QtraceError(f"cannot load the BPF program: {problems[0]} ({detail})")
         raise QtraceError(f"no usable kernel hook on KVM ioctls ({detail})")
 
     def cflags(self, mode: str) -> list[str]:
@@ -380,8 +423,34 @@ class QtraceProgram:
         self.bpf.ring_buffer_consume()
 
     def items(self, name: str) -> list[tuple[object, int]]:
-        """(key, count) of one counter map, read now (one syscall per key: BCC)."""
-        return [(k, v.value) for k, v in self.bpf[name].items()]
+        """(key, count) of one counter map, read now: BPF_MAP_LOOKUP_BATCH, a few thousand
+        entries a system call (BCC's items() makes two calls per key; its own batch reader
+        allocates the map's whole max_entries)."""
+        table = self.bpf[name]
+        out: list[tuple[object, int]] = []
+        chunk = 4096
+        token_in, token_out = ct.create_string_buffer(64), ct.create_string_buffer(64)
+        count = ct.c_uint32()
+        lib = self.bcc.libbcc.lib
+        first = True
+        while True:
+            # fresh arrays each round: the keys handed out point into them
+            keys, vals = (table.Key * chunk)(), (table.Leaf * chunk)()
+            count.value = chunk
+            rc = lib.bpf_lookup_batch(table.map_fd, None if first else
+                                      ct.cast(token_in, ct.POINTER(ct.c_uint32)),
+                                      ct.cast(token_out, ct.POINTER(ct.c_uint32)),
+                                      ct.byref(keys), ct.byref(vals), ct.byref(count))
+            err = ct.get_errno()
+            out += [(keys[i], vals[i]) for i in range(count.value)]  # u64 counters
+            if rc != 0:
+                if err == errno.ENOENT:
+                    return out  # the whole map was read
+                if first and err in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+                    return [(k, v.value) for k, v in table.items()]  # kernel without batch
+                raise QtraceError(f"map {name}: lookup batch failed: {os.strerror(err)}")
+            first = False
+            ct.memmove(token_in, token_out, 64)
 
     def table_names(self) -> list[str]:
         """Every map the compiled program has (not only those opened so far)."""

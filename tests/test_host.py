@@ -45,7 +45,7 @@ class HostDaemon:
             assert self.proc.stderr is not None
             for line in self.proc.stderr:
                 self.log.append(line)
-                if "msg=listening" in line:
+                if "msg=tracing" in line:  # listening comes first, before the BPF load
                     ready.set()
             ready.set()
 

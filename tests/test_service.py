@@ -43,7 +43,7 @@ def test_systemd_security_exposure(rendered_unit):
                        capture_output=True, text=True)
     m = re.search(r"Overall exposure level for qtrace.service: ([0-9.]+)", r.stdout + r.stderr)
     assert m, r.stdout + r.stderr
-    assert float(m.group(1)) <= 3.5  # README shows the figure; this guards regressions
+    assert float(m.group(1)) <= 3.0, r.stdout  # the README shows the figure
 
 
 def test_least_capabilities():
@@ -66,11 +66,10 @@ def test_shipped_config_is_the_default():
 
 def test_flags_override_config(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('listen = "127.0.0.1:1234"\ngrace_period = 5\n[tls]\ncert_file = "a"\n'
-                 'key_file = "b"\n')
+    f.write_text('listen = "127.0.0.1:1234"\ngrace_period = 5\n')
     cfg = load_config(str(f), listen="[::1]:99", log_level=None)
     assert cfg.host_port == ("::1", 99) and cfg.grace_period == 5
-    assert cfg.tls_cert_file == "a"
+    assert load_config(str(f), listen=":99").host_port == ("::", 99)  # v4 and v6
     with pytest.raises(QtraceError, match="go together"):
         f.write_text('[tls]\ncert_file = "a"\n')
         load_config(str(f))
