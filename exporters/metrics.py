@@ -234,8 +234,13 @@ class SelfCollector:
         for reason in ("vanished", "unusable_binary", "attach_failed"):
             errors.add_metric([reason], t.attach_errors.get(reason, 0))
         yield errors
-        yield CounterMetricFamily("qtrace_counting_gaps", "Times counting started late for a VM "
-                                  "(daemon restart, missed exec)", value=t.gaps)
+        gaps = CounterMetricFamily(
+            "qtrace_counting_gaps", "Times counting stopped or started late: found_running (a "
+            "VM adopted by a scan), program_replaced / layout_replaced (a restart that could not "
+            "keep the previous program or maps)", labels=["vm", "reason"])
+        for (vm, reason), n in sorted(t.gaps.items()):
+            gaps.add_metric([vm, reason], n)
+        yield gaps
         yield GaugeMetricFamily("qtrace_scrape_duration_seconds",
                                 "Time the last collection of the per-VM families took",
                                 value=d.last_scrape_seconds)

@@ -42,22 +42,47 @@ struct inflight {
     u64 vals[NVALS];
 };
 
+// Every map is pinned under QTRACE_PIN_DIR when it is defined (the daemon): a restarted
+// daemon, and the programs its predecessor left attached, share the same maps, so counts
+// continue.  BCC reuses a pinned map if there is one, else creates and pins it.
+#ifdef QTRACE_PIN_DIR
+#define QT_PIN(type, name) type ":" QTRACE_PIN_DIR "/" #name
+#else
+#define QT_PIN(type, name) type
+#endif
+#define QT_HASH(k, v, name, max, flags) BPF_F_TABLE(QT_PIN("hash", name), k, v, name, max, flags)
+#define QT_ARRAY(v, name, max) BPF_F_TABLE(QT_PIN("array", name), int, v, name, max, 0)
+#define QT_PERCPU_ARRAY(v, name, max) \
+    BPF_F_TABLE(QT_PIN("percpu_array", name), int, v, name, max, 0)
+
 // Tracked QEMU processes (the BPF-side pid filter), their VM id and phase windows.
-BPF_HASH(procs, u32, struct proc_state, MAX_VMS * 2);
-BPF_ARRAY(probe_cfg, struct probe_cfg, MAX_SLOTS);
-BPF_HASH(watched, u32, u32, 256);                                // ioctl cmd -> 1
-BPF_HASH(thread_level, u32, u32, MAX_THREADS);                   // tid -> put level
-BPF_HASH(inflight, u32, struct inflight, MAX_THREADS);           // tid -> ioctl in flight
-BPF_F_TABLE("hash", struct vcpu_key, s32, vcpu_fds, MAX_VCPU_ROWS, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct val_key, u64, last_val, MAX_VCPU_ROWS * NVALS, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct count_key, u64, write_counts, MAX_VCPU_ROWS * 48, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct err_key, u64, error_counts, MAX_VMS * 32, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct lc_key, u64, lifecycle_counts, MAX_VMS * MAX_SLOTS, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", struct reset_key, u64, reset_counts, MAX_VMS * NCAUSES * 2, BPF_F_NO_PREALLOC);
-BPF_ARRAY(update_failed, u64, NMAPS);                            // M_* -> failed inserts
-BPF_ARRAY(events_lost, u64, NKINDS);                             // K_* -> events dropped
-BPF_PERCPU_ARRAY(next_vm, u32, 1);                               // VM ids, per CPU
-BPF_RINGBUF_OUTPUT(events, 64);
+QT_HASH(u32, struct proc_state, procs, MAX_VMS * 2, 0);
+QT_ARRAY(struct probe_cfg, probe_cfg, MAX_SLOTS);
+QT_HASH(u32, u32, watched, 256, 0);                                   // ioctl cmd -> 1
+QT_HASH(u32, u32, thread_level, MAX_THREADS, 0);                      // tid -> put level
+QT_HASH(u32, struct inflight, inflight, MAX_THREADS, 0);              // tid -> ioctl in flight
+QT_HASH(struct vcpu_key, s32, vcpu_fds, MAX_VCPU_ROWS, BPF_F_NO_PREALLOC);
+QT_HASH(struct val_key, u64, last_val, MAX_VCPU_ROWS * NVALS, BPF_F_NO_PREALLOC);
+QT_HASH(struct count_key, u64, write_counts, MAX_VCPU_ROWS * 48, BPF_F_NO_PREALLOC);
+QT_HASH(struct err_key, u64, error_counts, MAX_VMS * 32, BPF_F_NO_PREALLOC);
+QT_HASH(struct lc_key, u64, lifecycle_counts, MAX_VMS * MAX_SLOTS, BPF_F_NO_PREALLOC);
+QT_HASH(struct reset_key, u64, reset_counts, MAX_VMS * NCAUSES * 2, BPF_F_NO_PREALLOC);
+QT_ARRAY(u64, update_failed, NMAPS);                                  // M_* -> failed inserts
+QT_ARRAY(u64, events_lost, NKINDS);                                   // K_* -> events dropped
+QT_PERCPU_ARRAY(u32, next_vm, 1);                                     // VM ids, per CPU
+
+// BPF_RINGBUF_OUTPUT(events, 64), spelled out so that it can be pinned like the rest.
+struct events_table_t {
+    int key;
+    u32 leaf;
+    int (*ringbuf_output)(void *, u64, u64);
+    void *(*ringbuf_reserve)(u64);
+    void (*ringbuf_discard)(void *, u64);
+    void (*ringbuf_submit)(void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/" QT_PIN("ringbuf", events))))
+struct events_table_t events = {.max_entries = 64 * PAGE_SIZE};
 
 // An insert that a full map refused is counted, never silent.
 static __always_inline void failed(u32 map_id) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -170,6 +171,36 @@ def daemon(listen: str | None, config_path: str | None, web_config_file: str | N
     from .daemon import run_daemon
 
     sys.exit(run_daemon(load_config(config_path, **overrides)))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file: its bpf_pin_root is what is removed.")
+@click.option("--pin-root", default=None, metavar="DIR",
+              help="Remove the pins under DIR (default: the config's bpf_pin_root, "
+                   "/sys/fs/bpf/qtrace).")
+def cleanup(config_path: str | None, pin_root: str | None) -> None:
+    """Remove every pinned map and probe a daemon left behind.
+
+    A daemon stopped with keep_on_exit = true (the default) leaves its BPF maps
+    and probe links pinned, so the kernel goes on counting and the next daemon
+    continues.  This removes them: the probes detach and the counts go, as soon
+    as no daemon holds them (stop the daemon first).
+
+    \b
+    Examples:
+      qprobe cleanup
+      qprobe cleanup --config /etc/qtrace/qtrace.toml
+    """
+    from .config import load_config
+    from .program import remove_pins
+
+    root = pin_root or load_config(config_path).bpf_pin_root
+    if not root or not os.path.exists(root):
+        click.echo(f"nothing pinned under {root or '(pinning off)'}")
+        return
+    removed = remove_pins(root)
+    click.echo(f"removed {len(removed)} pins under {root}")
 
 
 @main.command()

@@ -36,6 +36,9 @@ class Config:
     max_vcpus_per_vm: int = 64  # with max_vms, sizes the BPF maps at load
     max_connections: int = 1024  # HTTP connections at once; the longest idle makes room
     web_config_file: str = ""  # Prometheus exporter-toolkit web config (YAML)
+    # Maps and probe links pinned here survive a restart ("" = no pins: a restart is a gap)
+    bpf_pin_root: str = "/sys/fs/bpf/qtrace"
+    keep_on_exit: bool = True  # SIGTERM keeps the pins (restart, upgrade); false removes all
     web: WebConfig = field(default_factory=WebConfig)  # TLS and basic auth, from either
     warnings: tuple[str, ...] = ()  # said at start (unknown keys)
 
@@ -77,6 +80,12 @@ def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise QtraceError(f"{key} = {value!r}: expected true or false")
+    return value
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise QtraceError(f"{key} = {value!r}: expected a string")
@@ -96,6 +105,8 @@ _KEYS = {
     "max_vcpus_per_vm": lambda k, v: _number(k, v, integer=True, lo=1, hi=4096),
     "max_connections": lambda k, v: _number(k, v, integer=True, lo=16, hi=65536),
     "web_config_file": _string,
+    "bpf_pin_root": _string,
+    "keep_on_exit": lambda k, v: _bool(k, v),
 }
 _WEB_KEYS = ("tls", "basic_auth_users")  # TOML spelling of the web config's two parts
 

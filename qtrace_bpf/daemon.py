@@ -13,12 +13,13 @@ import logging
 import os
 import time
 
+from . import abi, links
 from .binaries import Binaries
 from .catalog import load_catalog
 from .config import Config
 from .errors import AttachError, QtraceError
 from .logfmt import Formatter, logger_fn
-from .program import QtraceProgram
+from .program import QtraceProgram, remove_pins
 from .tracker import Tracker
 
 log = logging.getLogger("qtrace")
@@ -75,17 +76,46 @@ class Daemon:
         self.signals = Signals()
         self.last_scrape_seconds = 0.0  # set by the VM collector
         self.http = None  # the /metrics server, for its self-metrics
+        self.stale_layouts: list[str] = []
+
+    def pin_dir(self) -> str | None:
+        """Where this layout's pins live: <root>/v<ABI>-<max_vms>x<max_vcpus>.  Pins of
+        another layout (an older qtrace, other map sizes) are never read: removed, and the
+        restart counted as a gap."""
+        root = self.cfg.bpf_pin_root
+        if not root:
+            return None
+        if not links.is_bpffs(root):
+            self.log("pinning off: not a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
+                     level="warning", bpf_pin_root=root)
+            return None
+        layout = f"v{abi.QTRACE_ABI_VERSION}-{self.cfg.max_vms}x{self.cfg.max_vcpus_per_vm}"
+        if os.path.isdir(root):
+            for stale in sorted(set(os.listdir(root)) - {layout}):
+                remove_pins(os.path.join(root, stale))
+                self.stale_layouts.append(stale)
+                self.log("pins of another layout removed: counts restart", level="warning",
+                         stale=stale, layout=layout)
+        return os.path.join(root, layout)
 
     def load(self) -> None:
         self.stage = "loading the BPF program"
         self.prog = QtraceProgram(self.catalog, hook=self.cfg.kernel_hook, log=self.log,
                                   discovery=True, max_vms=self.cfg.max_vms,
-                                  max_vcpus=self.cfg.max_vcpus_per_vm)
+                                  max_vcpus=self.cfg.max_vcpus_per_vm, pin_dir=self.pin_dir())
         self.binaries = Binaries(self.catalog, self.prog.attach_binary, self.cfg.debug_roots,
                                  log=self.log)
         self.tracker = Tracker(self.prog, self.binaries, max_vms=self.cfg.max_vms,
                                grace=self.cfg.grace_period, log=self.log)
         self.tracker.on_forget = self.on_forget
+        if self.stale_layouts:
+            self.tracker.gaps[("", "layout_replaced")] += len(self.stale_layouts)
+        if self.prog.replaced:
+            self.tracker.gaps[("", "program_replaced")] += 1
+        if self.prog.pin_dir:
+            self.log("pins", dir=self.prog.pin_dir, counters="continued" if self.prog.carried
+                     else "new", links_kept=len(self.prog.kept),
+                     links_replaced=len(self.prog.replaced))
 
     def attach_host_binaries(self) -> None:
         """The configured QEMU binaries, before any VM exists: VMs are traced from exec."""
@@ -108,6 +138,9 @@ class Daemon:
     def start(self) -> None:
         self.stage = "attaching QEMU binaries and scanning /proc"
         self.rescan()
+        pruned = self.prog.prune_links()  # left by a predecessor, claimed by nothing now
+        if pruned:
+            self.log("pinned probes nothing uses any more removed", links=len(pruned))
         self.stage = "tracing"
         self.ready = True
 
@@ -146,8 +179,10 @@ class Daemon:
                 notify.watchdog()
 
     def close(self) -> None:
+        """SIGTERM, SIGINT, an error: the pins stay when keep_on_exit (the kernel goes on
+        counting, the next daemon continues); all else is released."""
         if self.prog is not None:
-            self.prog.close()
+            self.prog.close(keep_pins=self.cfg.keep_on_exit)
 
 
 class Notifier:

@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from . import abi, hooks
+from . import abi, hooks, links
 from .binaries import BinaryPlan
 from .catalog import Catalog, bpf_source
 from .errors import AttachError, QtraceError
@@ -93,20 +93,6 @@ def check_kernel_headers() -> None:
                           "scripts/setup.sh)")
 
 
-def uprobe_attacher():
-    """libbcc's bpf_attach_uprobe with its real prototype.
-
-    BCC's Python binding declares it without the last argument (ref_ctr_offset), so the
-    kernel reads garbage there and refuses other tracers (bpftrace, perf) on the same
-    function.  Our own handle on the library carries all seven arguments.
-    """
-    fn = ct.CDLL("libbcc.so.0", use_errno=True).bpf_attach_uprobe
-    fn.restype = ct.c_int
-    fn.argtypes = [ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_uint64, ct.c_int,
-                   ct.c_uint32]
-    return fn
-
-
 class _CapturedStderr:
     """libbcc prints load errors on fd 2; keep them for the refusal reason instead."""
 
@@ -165,10 +151,12 @@ def _refusal(mode: str, failure: str, bcc_stderr: str) -> str:
 
 
 def cflags(mode: str, *, discovery: bool = True, write_events: bool = True,
-           max_vms: int = 1024, max_vcpus: int = 64) -> list[str]:
+           max_vms: int = 1024, max_vcpus: int = 64, pin_dir: str | None = None) -> list[str]:
     """How probes/qtrace.bpf.c is compiled for one kernel hook and one use."""
     flags = [f"-DQTRACE_HOOK_{mode.upper()}", f"-I{abi.include_dir()}",
              f"-DMAX_VMS={max_vms}", f"-DMAX_VCPUS={max_vcpus}", "-Wno-unused-function"]
+    if pin_dir:
+        flags.append(f'-DQTRACE_PIN_DIR="{pin_dir}/maps"')
     if discovery:
         flags.append("-DQTRACE_DISCOVERY")
     if write_events:
@@ -186,7 +174,7 @@ class QtraceProgram:
 
     def __init__(self, catalog: Catalog, *, hook: str | None = None, log: Log | None = None,
                  discovery: bool = False, write_events: bool = False, max_vms: int = 1024,
-                 max_vcpus: int = 64):
+                 max_vcpus: int = 64, pin_dir: str | None = None):
         check_privileges()
         self.bcc = import_bcc()
         check_kernel_headers()
@@ -202,8 +190,18 @@ class QtraceProgram:
         self.uprobe_count = 0
         self.state = "closed"
         self._undo: list[Callable[[], None]] = []
-        self._seq = 0
         self.bpf = None
+        # Pins (daemon): maps and links under pin_dir outlive this process; a program
+        # found there, identical to ours (same tag), is kept attached, another replaced.
+        self.pin_dir = pin_dir
+        self.carried = False  # counters of a previous daemon found pinned and continued
+        self.kept: list[str] = []  # link pins adopted as they were
+        self.replaced: list[str] = []  # link pins of another program, replaced
+        self._claimed: set[str] = set()  # link pins this process holds
+        if pin_dir:
+            os.makedirs(os.path.join(pin_dir, "maps"), exist_ok=True)
+            os.makedirs(os.path.join(pin_dir, "links"), exist_ok=True)
+            self.carried = bool(os.listdir(os.path.join(pin_dir, "maps")))
         try:
             self._open(hook)
             self._configure()
@@ -252,6 +250,7 @@ class QtraceProgram:
             for refused, why in self.refusals.items():
                 self.log("kernel hook refused", hook=refused, reason=why)
             self.log("kernel hook chosen", hook=mode)
+            self._log_replaced(0)
             return
         detail = "; ".join(f"{m}: {r}" for m, r in self.refusals.items())
         problems = [p for p in map(resource_problem, self._failures) if p]
@@ -261,7 +260,7 @@ class QtraceProgram:
 
     def cflags(self, mode: str) -> list[str]:
         return cflags(mode, discovery=self.discovery, write_events=self.write_events,
-                      max_vms=self.max_vms, max_vcpus=self.max_vcpus)
+                      max_vms=self.max_vms, max_vcpus=self.max_vcpus, pin_dir=self.pin_dir)
 
     def _compile_and_hook(self, text: str, mode: str) -> None:
         BPF = self.bcc.BPF
@@ -269,23 +268,61 @@ class QtraceProgram:
             # Cheap question first: a refused fentry would otherwise cost a full compile.
             BPF(text=bpf_source("fentry_check.bpf.c").encode()).cleanup()
         b = BPF(text=text.encode(), cflags=self.cflags(mode))  # fentry: auto-attached here
+        self.bpf = b
+        self._undo.append(b.cleanup)  # BCC detaches what it attached, then closes the fds
+        done = len(self._undo)
         try:
-            if self.discovery:
-                b.attach_tracepoint(tp="sched:sched_process_exec", fn_name="tp_sched_exec")
-                b.attach_tracepoint(tp="sched:sched_process_exit", fn_name="tp_sched_exit")
-            if mode == "kprobe":
+            tracepoints = [("sched", "sched_process_exec", "tp_sched_exec"),
+                           ("sched", "sched_process_exit", "tp_sched_exit")] \
+                if self.discovery else []
+            if mode == "tracepoint":
+                tracepoints += [("syscalls", "sys_enter_ioctl", "tp_enter_ioctl"),
+                                ("syscalls", "sys_exit_ioctl", "tp_exit_ioctl")]
+            for category, name, fn in tracepoints:
+                self._attach_link(fn, self.bcc.BPF.TRACEPOINT, f"tp-{name}",
+                                  lambda c=category, n=name: links.tracepoint_event(c, n))
+            if mode == "kprobe":  # (fentry and kprobe attachments are not pinned)
                 for fn in hooks.KVM_FUNCS:
                     b.attach_kprobe(event=fn, fn_name="kp_kvm_ioctl")
                     b.attach_kretprobe(event=fn, fn_name="kretp_kvm_ioctl")
-            elif mode == "tracepoint":
-                b.attach_tracepoint(tp="syscalls:sys_enter_ioctl", fn_name="tp_enter_ioctl")
-                b.attach_tracepoint(tp="syscalls:sys_exit_ioctl", fn_name="tp_exit_ioctl")
         except BaseException:
-            b.cleanup()
+            while len(self._undo) >= done:
+                self._undo.pop()()
+            self.bpf = None
             raise
-        self.bpf = b
-        self._undo.append(b.cleanup)  # BCC detaches what it attached, then closes the fds
         self.state = "built"
+
+    def _attach_link(self, fn_name: str, prog_type: int, pin_name: str,
+                     open_event: Callable[[], int]) -> bool:
+        """Hold fn_name on a perf event through a BPF link, pinned when pins are on.  A pin
+        already there holding the same program (same tag) is adopted as it is; one holding
+        another program is replaced.  True when a new link was made."""
+        fn = self.bpf.load_func(fn_name.encode(), prog_type)
+        path = os.path.join(self.pin_dir, "links", pin_name) if self.pin_dir else None
+        if path and os.path.exists(path):
+            old = links.get_pinned(path)
+            if old is not None and links.link_prog_tag(old) == links.prog_tag(fn.fd):
+                self._hold(old)
+                self._claimed.add(pin_name)
+                self.kept.append(pin_name)
+                return False
+            if old is not None:
+                os.close(old)
+            os.unlink(path)  # another program: its attachment goes, ours takes its place
+            self.replaced.append(pin_name)  # logged by _log_replaced (not under a capture)
+        perf = open_event()
+        try:
+            fd = links.link(fn.fd, perf)
+        finally:
+            os.close(perf)
+        self._hold(fd)
+        if path:
+            links.pin(fd, path)
+            self._claimed.add(pin_name)
+        return True
+
+    def _hold(self, fd: int) -> None:
+        self._undo.append(lambda: os.close(fd))
 
     def _configure(self) -> None:
         b = self.bpf
@@ -310,32 +347,58 @@ class QtraceProgram:
     # -- uprobes -----------------------------------------------------------------------
 
     def attach_binary(self, plan: BinaryPlan) -> None:
-        """Every uprobe of the plan, or none: a failure undoes this binary's attaches."""
+        """Every uprobe of the plan, or none: a failure undoes this binary's attaches.
+        Links are named by the file (device, inode), offset and slot: a restarted daemon
+        finds its predecessor's and keeps them."""
         self._expect("attached")
-        attach = uprobe_attacher()
-        done: list[bytes] = []
+        mark = len(self._undo)
+        made: list[str] = []
+        dev, ino = plan.key
+        uprobes = plan.uprobes()
+        replaced = len(self.replaced)
         try:
-            for offset, slot, is_return in plan.uprobes():
-                name = f"qt_{'return' if is_return else 'entry'}_{slot}"
-                fn = self.bpf.load_func(name.encode(), self.bcc.BPF.KPROBE)
-                self._seq += 1
-                ev_name = f"{'r' if is_return else 'p'}_qtrace_{os.getpid()}_{self._seq}".encode()
-                fd = attach(fn.fd, 1 if is_return else 0, ev_name, plan.path.encode(), offset,
-                            -1, 0)
-                if fd < 0:
-                    err = ct.get_errno() or 1
-                    raise AttachError(
-                        f"{plan.display}: cannot attach {'uretprobe' if is_return else 'uprobe'}"
-                        f" for {self.catalog.by_slot(slot).event} at {plan.path}+{offset:#x}: "
-                        f"{os.strerror(err)}",
-                        "vanished" if err in (errno.ENOENT, errno.ESRCH) else "attach_failed")
-                self.bpf._add_uprobe_fd(ev_name, fd)  # BCC's cleanup() detaches it too
-                done.append(ev_name)
-        except BaseException:
-            for ev_name in reversed(done):
-                self.bpf.detach_uprobe_event(ev_name)
+            for offset, slot, is_return in uprobes:
+                kind = "return" if is_return else "entry"
+                pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}"
+                if self._attach_link(f"qt_{kind}_{slot}", self.bcc.BPF.KPROBE, pin_name,
+                                     lambda o=offset, r=is_return:
+                                     links.uprobe_event(plan.path, o, r)):
+                    made.append(pin_name)
+        except AttachError as exc:
+            self._undo_to(mark, made)
+            exc.args = (f"{plan.display}: {exc}",)
             raise
-        self.uprobe_count += len(done)
+        except BaseException:
+            self._undo_to(mark, made)
+            raise
+        self.uprobe_count += len(uprobes)
+        self._log_replaced(replaced)
+
+    def _log_replaced(self, since: int) -> None:
+        for pin_name in self.replaced[since:]:
+            self.log("pinned program differs from this one: replaced", level="warning",
+                     link=pin_name)
+
+    def _undo_to(self, mark: int, made_pins: list[str]) -> None:
+        while len(self._undo) > mark:
+            self._undo.pop()()
+        for pin_name in made_pins:
+            if self.pin_dir:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.pin_dir, "links", pin_name))
+            self._claimed.discard(pin_name)
+
+    def prune_links(self) -> list[str]:
+        """Unpin the link pins nobody claimed since start (files no process runs from any
+        more, catalog slots that changed): their uprobes go away."""
+        if not self.pin_dir:
+            return []
+        gone = []
+        for name in os.listdir(os.path.join(self.pin_dir, "links")):
+            if name not in self._claimed:
+                os.unlink(os.path.join(self.pin_dir, "links", name))
+                gone.append(name)
+        return gone
 
     # -- processes (map entries; the Tracker decides which) ------------------------------
 
@@ -477,9 +540,25 @@ class QtraceProgram:
         table = self.bpf["update_failed"]
         return {name: int(table[ct.c_int(i)].value) for i, name in enumerate(abi.MAPS)}
 
-    def close(self) -> None:
-        """Undo everything, last step first; safe to call twice."""
+    def close(self, keep_pins: bool = False) -> None:
+        """Undo everything, last step first; safe to call twice.  keep_pins: pinned maps and
+        links stay (a restart continues from them); otherwise they are removed too."""
         while self._undo:
             self._undo.pop()()
         self.bpf = None
         self.state = "closed"
+        if self.pin_dir and not keep_pins:
+            remove_pins(self.pin_dir)
+            with contextlib.suppress(OSError):  # the root too, when this was all it held
+                os.rmdir(os.path.dirname(self.pin_dir))
+
+
+def remove_pins(root: str) -> list[str]:
+    """Unpin everything under root (maps and links go once no process holds them)."""
+    removed = []
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for f in files:
+            os.unlink(os.path.join(dirpath, f))
+            removed.append(os.path.join(dirpath, f))
+        os.rmdir(dirpath)
+    return removed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,7 +55,9 @@ class Tracker:
         self.lock = threading.RLock()
         self.vms: dict[int, Vm] = {}
         self.refused = 0  # VMs not traced: max_vms reached
-        self.gaps = 0  # VMs whose counting started after they did
+        # (vm, reason) -> times counting stopped or started late: "found_running" (adopted
+        # by a scan: its earlier writes were not counted); the daemon adds restart reasons
+        self.gaps: Counter = Counter()
         self.not_vms = 0  # QEMU processes that exited without a vCPU (capability probes)
         self.attach_errors: dict[str, int] = {}  # reason -> count
         # Called (under the lock) before a VM's map entries are deleted: the collector
@@ -112,18 +115,22 @@ class Tracker:
             kernel = self.prog.proc(pid)
             if vm_id is None and kernel is not None:
                 vm_id = kernel.vm
-            if vm_id is None:
+            late = vm_id is None
+            if late:
                 vm_id = self._new_user_id()
                 # A QEMU holding vCPU fds has created its machine: boot is over.
                 self.prog.insert_proc(pid, vm_id, boot_done=bool(fds))
                 self.prog.set_vcpu_fds(vm_id, fds)
-                self.gaps += 1
             elif len(self.binaries.plans) > known and fds:
                 # Its binary was attached only now: its boot windows were never seen.
                 self.prog.set_boot_done(pid)
             vm = Vm(vm_id, pid, start, target.name, target.uuid, display, plan, found_by)
             if fds:
                 self._became_vm(vm)
+            if late:
+                self.gaps[(vm.name, "found_running")] += 1
+                self.log("counting gap: found running, counted from now on", level="warning",
+                         vm=vm.name, pid=pid)
             self.vms[vm_id] = vm
             self.log("tracking", vm=vm.name, pid=pid, vm_id=f"{vm_id:#x}", found_by=found_by,
                      uuid=vm.uuid or None)

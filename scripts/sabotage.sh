@@ -41,3 +41,7 @@ edit qtrace_bpf/binaries.py '            key = file_key(path)' '            key 
 run file_key FAILED tests/test_host.py -k "copy_of_the_binary or reinstall"
 edit qtrace_bpf/tracker.py '                self.on_forget(vm)' '                pass'
 run carried FAILED tests/test_host.py -k "restarted_domain"
+edit qtrace_bpf/program.py '        if self.pin_dir and not keep_pins:' '        if self.pin_dir:'
+run keep_pins FAILED tests/test_restart.py -k "survive"
+edit qtrace_bpf/program.py 'links.link_prog_tag(old) == links.prog_tag(fn.fd)' 'True'
+run tag_check FAILED tests/test_restart.py -k "changed_program"

@@ -46,6 +46,12 @@ if [ -f "$qconf" ] && [ "$(stat -c %a /dev/kvm 2>/dev/null)" = 600 ] && ! grep -
   say "libvirt: QEMU runs as root (/dev/kvm is 0600): $qconf user/group = +0"
 fi
 
+# Pinned maps and links (counts that survive a daemon restart) need a bpf filesystem;
+# systemd mounts one at /sys/fs/bpf, these machines have no systemd.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  mount -t bpf bpf /sys/fs/bpf 2>/dev/null && say "mounted bpffs at /sys/fs/bpf" || true
+fi
+
 if [ ! -e /sys/kernel/tracing/uprobe_events ]; then
   mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
 fi

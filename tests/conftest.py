@@ -165,10 +165,12 @@ def kill_stray_test_processes() -> list[str]:
 def pytest_sessionstart(session) -> None:
     for what in kill_stray_test_processes():
         print(f"conftest: killed a stray process of an earlier run: {what}", file=sys.stderr)
+    remove_test_pins()
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     kill_stray_test_processes()
+    remove_test_pins()
 
 
 class Watcher:
@@ -233,3 +235,33 @@ def kvm_numbers(gcc: str, names) -> dict[int, str]:
         subprocess.run([gcc, "-o", str(exe), str(src)], check=True)
         out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     return {int(v): n for n, v in (ln.split() for ln in out.splitlines())}
+
+
+PIN_TEST_ROOT = "/sys/fs/bpf"
+
+
+def daemon_toml(port: int, **extra: object) -> str:
+    """A daemon config for tests: its own pin root (removed at exit unless the test keeps
+    it on purpose), so no test reads another's pinned counters."""
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return str(v)
+
+    conf = {"listen": f"127.0.0.1:{port}", "bpf_pin_root": f"{PIN_TEST_ROOT}/qtrace-test-{port}",
+            "keep_on_exit": False, **extra}
+    return "".join(f"{k} = {value(v)}\n" for k, v in conf.items())
+
+
+def remove_test_pins() -> None:
+    """Pins of test daemons that were killed (SIGKILL keeps pins, by design)."""
+    import shutil as _shutil
+
+    if os.path.isdir(PIN_TEST_ROOT):
+        for name in os.listdir(PIN_TEST_ROOT):
+            if name.startswith("qtrace-test-"):
+                _shutil.rmtree(os.path.join(PIN_TEST_ROOT, name), ignore_errors=True)

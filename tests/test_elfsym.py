@@ -55,15 +55,20 @@ def resolve(fx, *names: str, path: str | None = None, display: str | None = None
 
 def count_hits(path: str, offset: int, run_it) -> int:
     """Attach a counting uprobe at (path, offset), run the fixture, return the hit count."""
-    from bcc import BPF
+    import ctypes as ct
 
-    from qtrace_bpf.program import uprobe_attacher
+    from bcc import BPF
 
     b = BPF(text=COUNTER_BPF)
     try:
         fn = b.load_func(b"count_hit", BPF.KPROBE)
         ev_name = f"p_qtrace_test_{os.getpid()}".encode()
-        fd = uprobe_attacher()(fn.fd, 0, ev_name, path.encode(), offset, -1, 0)
+        # libbcc's own attach, with its real 7-argument prototype (independent of qtrace's
+        # link-based attach: this test is about the offsets, not about qtrace's attaching)
+        attach = ct.CDLL("libbcc.so.0", use_errno=True).bpf_attach_uprobe
+        attach.argtypes = [ct.c_int, ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_uint64, ct.c_int,
+                           ct.c_uint32]
+        fd = attach(fn.fd, 0, ev_name, path.encode(), offset, -1, 0)
         assert fd >= 0, f"uprobe at {path}+{offset:#x} refused"
         b._add_uprobe_fd(ev_name, fd)  # b.cleanup() detaches it
         run_it()

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import QPROBE, ROOT, check_kvm, popen
+from conftest import QPROBE, ROOT, check_kvm, daemon_toml, popen
 from strace_count import count_state_writes, strace_argv
 from test_daemon import free_port, samples, scrape
 
@@ -28,12 +28,20 @@ class HostDaemon:
     """qprobe daemon with a config of our own; its log kept line by line."""
 
     def __init__(self, tmp: Path, env: dict | None = None, **cfg: object):
-        self.port = free_port()
+        port = free_port()
+        path = tmp / f"qtrace-{port}.toml"
+        path.write_text(daemon_toml(port, **{"rescan_interval": 1, "grace_period": 30, **cfg}))
+        self._start(path, port, env)
+
+    @classmethod
+    def from_config(cls, tmp: Path, path: Path, port: int) -> HostDaemon:
+        d = cls.__new__(cls)
+        d._start(path, port, None)
+        return d
+
+    def _start(self, path: Path, port: int, env: dict | None) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}/metrics"
-        conf = {"listen": f"127.0.0.1:{self.port}", "rescan_interval": 1, "grace_period": 30,
-                **cfg}
-        path = tmp / f"qtrace-{self.port}.toml"
-        path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in conf.items()))
         self.proc = popen([*QPROBE, "daemon", "--config", str(path)], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log: list[str] = []
@@ -77,14 +85,6 @@ def _catches(pid: int, sig: int) -> bool:
     with open(f"/proc/{pid}/status") as f:
         caught = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
     return bool(caught & (1 << (sig - 1)))
-
-
-def _toml(v: object) -> str:
-    if isinstance(v, str):
-        return f'"{v}"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _vm_names(m: dict) -> set[str]:
@@ -228,7 +228,7 @@ def test_signals_during_start_up_do_not_cost_the_hook(daemon, tmp_path):
                                          text=True, cwd=ROOT).stdout)["kernel_hook"]
     port = free_port()
     conf = tmp_path / "sig.toml"
-    conf.write_text(f'listen = "127.0.0.1:{port}"\n')
+    conf.write_text(daemon_toml(port))
     p = popen([*QPROBE, "daemon", "--config", str(conf)], cwd=ROOT, stderr=subprocess.PIPE,
               text=True)
     try:

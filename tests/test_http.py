@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import QPROBE, ROOT, check_bpf, popen, require
+from conftest import QPROBE, ROOT, check_bpf, daemon_toml, popen, require
 from qtrace_bpf.exporters.http import Limits, Server, make_app
 from qtrace_bpf.exporters.webconfig import WebConfig
 
@@ -273,7 +273,7 @@ def test_check_config_warns_about_unknown_keys_and_passes(tmp_path):
 def test_low_fd_limit_is_named(tmp_path):
     check_bpf()
     cfg = tmp_path / "q.toml"
-    cfg.write_text(f'listen = "127.0.0.1:{_free_port()}"\n')
+    cfg.write_text(daemon_toml(_free_port()))
     r = subprocess.run(["prlimit", "--nofile=24", *QPROBE, "daemon", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "file-descriptor limit too low" in r.stderr, r.stderr
@@ -285,7 +285,7 @@ class LiveDaemon:
         check_bpf()
         self.port = _free_port()
         cfg = tmp / f"d{self.port}.toml"
-        cfg.write_text(f'listen = "127.0.0.1:{self.port}"\n{config}')
+        cfg.write_text(daemon_toml(self.port) + config)
         self.proc = popen([*QPROBE, "daemon", "--config", str(cfg), *args], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []

@@ -171,7 +171,8 @@ def test_put_levels_by_phase(lifecycle_run):
 
 def test_nothing_left_after_target_exit(lifecycle_run):
     """While tracing, programs, maps and perf attachments of ours exist; after, none."""
-    assert {"progs", "maps", "perf"} <= set(lifecycle_run["during"]), lifecycle_run["during"]
+    assert {"progs", "maps", "links"} <= set(lifecycle_run["during"]), lifecycle_run["during"]
+    assert "pins" not in lifecycle_run["during"], "watch pins nothing"
     assert lifecycle_run["after"] == {}
 
 
