@@ -24,6 +24,11 @@ VM_WIDE = "vm"  # the vcpu label of VM-wide ioctls (KVM_SET_CLOCK, KVM_SET_IRQCH
 # Resets nobody on the host asked for (watchdog and panic actions report guest-reset /
 # guest-panic); the alert rules use the same list.
 UNEXPECTED_CAUSES = ("host-error", "guest-reset", "guest-panic")
+# The ShutdownCauses QEMU resets with (QMP RESET `reason`), zero-filled per VM; the
+# shutdown-only ones (host-qmp-quit, host-signal, guest-shutdown) and `none` (the boot-time
+# reset, part of boot) would be series that never move: exported only if they ever count.
+RESET_CAUSES = ("host-error", "host-qmp-system-reset", "host-ui", "guest-reset", "guest-panic",
+                "subsystem-reset", "snapshot-load")
 
 # map -> (family, help, label names after `vm`, row -> label values)
 _FAMILIES = {
@@ -115,10 +120,11 @@ class VmCollector:
         names = sorted({vm.name for vm in vms.values()})
         resets = sums["reset_counts"]
         # every known cause, zeros too: increase() sees a VM's first reset
+        counted = {(n, c): v for (n, c, follow), v in resets.items() if not follow}
         out.append(Family(
             "qtrace_vm_resets", "Machine resets by ShutdownCause, as QEMU reports them on QMP",
             "counter", ("vm", "cause"),
-            {(n, c): resets.get((n, c, ""), 0) for n in names for c in abi.CAUSES[1:]}))
+            {**{(n, c): 0 for n in names for c in RESET_CAUSES}, **counted}))
         out.append(Family(
             "qtrace_vm_resets_following_host",
             "Guest-initiated resets within 2 s of a host-requested one (the firmware's reboot "

@@ -109,7 +109,7 @@ static __always_inline u32 phase_of(struct proc_state *ps, u32 *cause) {
         *cause = ps->cause;
         return PH_RESET;
     }
-    if (ps->windows & W_HOTPLUG)
+    if (ps->hotplug_depth)
         return PH_HOTPLUG;
     return PH_RUNTIME;
 }
@@ -384,7 +384,7 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
         if (action == ACT_RESET)
             ps->windows &= ~W_RESET;
         else if (action == ACT_HOTPLUG)
-            ps->windows &= ~W_HOTPLUG;
+            ps->hotplug_depth -= ps->hotplug_depth ? 1 : 0;
         else if (action == ACT_BOOT_DONE)
             ps->boot_done = 1;
         else if (action == ACT_PUT)
@@ -414,7 +414,8 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
             }
         }
     } else if (action == ACT_HOTPLUG) {
-        ps->windows |= W_HOTPLUG;
+        if (ps->hotplug_depth < 16)
+            ps->hotplug_depth += 1;
     } else if (action == ACT_MIGRATION_BEGIN) {
         ps->windows |= W_MIGRATION;
     } else if (action == ACT_MIGRATION_END) {

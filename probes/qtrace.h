@@ -8,7 +8,7 @@
 #define QTRACE_H
 
 // Bumped on any change to a struct below: the layout of what the maps hold.
-#define QTRACE_ABI_VERSION 2
+#define QTRACE_ABI_VERSION 3
 
 // Lifecycle phase of a state write; names in user space are the lower-case suffix.
 enum phase { PH_BOOT = 0, PH_RESET = 1, PH_HOTPLUG = 2, PH_MIGRATION = 3, PH_RUNTIME = 4 };
@@ -28,9 +28,9 @@ enum action {
 enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
 #define NKINDS 5
 
-// Process-wide windows (struct proc_state.windows bits).
+// Process-wide windows (struct proc_state.windows bits).  Hotplug nests (QMP device_add
+// calls qdev_device_add, which calls qdev_device_add_from_qdict): a depth, not a bit.
 #define W_RESET 1
-#define W_HOTPLUG 2
 #define W_MIGRATION 4
 
 // Decoded values: index into vals[] and bit in have/known/changed.
@@ -72,6 +72,8 @@ struct proc_state {   // procs: tgid -> this
     u32 windows;
     u32 cause;
     u64 last_host_reset_ns;
+    u32 hotplug_depth;    // hotplug functions running (nested)
+    u32 pad;
 };
 
 struct probe_cfg {    // probe_cfg: catalog slot -> this

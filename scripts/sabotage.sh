@@ -45,3 +45,5 @@ edit qtrace_bpf/program.py '        if self.pin_dir and not keep_pins:' '       
 run keep_pins FAILED tests/test_restart.py -k "survive"
 edit qtrace_bpf/program.py 'links.link_prog_tag(old) == links.prog_tag(fn.fd)' 'True'
 run tag_check FAILED tests/test_restart.py -k "changed_program"
+edit qtrace_bpf/links.py '    attr.config = 1 if retprobe else 0' '    attr.config = (1 if retprobe else 0) | (0x1234 << 32)'
+run ref_ctr_offset FAILED tests/test_coexist.py

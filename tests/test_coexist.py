@@ -1,0 +1,57 @@
+"""Other tracers beside a running daemon: bpftrace and perf attach to the same QEMU functions,
+gdb sets breakpoints.  (A uprobe attached with a garbage ref_ctr_offset, as BCC's Python
+binding does, makes the kernel refuse every later uprobe on the same function: EINVAL.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import require
+from test_host import HostDaemon, _resets, daemon  # noqa: F401 - the fixture
+
+from qtrace_bpf.vm import VM
+
+pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
+QEMU = "/usr/bin/qemu-system-x86_64"
+
+
+def test_bpftrace_perf_and_gdb_beside_the_daemon(daemon):  # noqa: F811 - fixture
+    for tool in ("bpftrace", "perf", "gdb"):
+        require(tool, shutil.which(tool) is not None,
+                "apt-get install bpftrace linux-perf gdb (scripts/setup.sh)")
+    d = daemon()
+    with VM("neighbours") as vm:
+        vm.cmd("cont")
+        out: dict[str, str] = {}
+
+        def run_bpftrace() -> None:
+            r = subprocess.run(["bpftrace", "-e", f"uprobe:{QEMU}:qemu_system_reset "
+                                "{ @resets = count(); } interval:s:4 { exit(); }"],
+                               capture_output=True, text=True, timeout=60)
+            out["bpftrace"] = r.stdout + r.stderr
+
+        t = threading.Thread(target=run_bpftrace)
+        t.start()
+        time.sleep(2)  # attached by now
+        vm.cmd("system_reset")
+        t.join(60)
+        assert "@resets: " in out["bpftrace"] and "@resets: 0" not in out["bpftrace"], \
+            out["bpftrace"]
+        d.wait_for(lambda m: _resets(m, "neighbours").get("host-qmp-system-reset") == 1)
+
+        r = subprocess.run(["perf", "probe", "-x", QEMU, "qemu_system_reset"],
+                           capture_output=True, text=True, timeout=60)
+        try:
+            assert r.returncode == 0, r.stderr
+        finally:
+            subprocess.run(["perf", "probe", "-d", "probe_qemu:*"], capture_output=True)
+
+        g = subprocess.run(["gdb", "-p", str(vm.pid), "-batch", "-ex",
+                            "break qemu_system_reset", "-ex", "info breakpoints"],
+                           capture_output=True, text=True, timeout=120)
+        assert "qemu_system_reset" in g.stdout and g.returncode == 0, g.stdout + g.stderr
+        assert vm.cmd("query-status")["status"] in ("running", "paused")
