@@ -265,3 +265,94 @@ def remove_test_pins() -> None:
         for name in os.listdir(PIN_TEST_ROOT):
             if name.startswith("qtrace-test-"):
                 _shutil.rmtree(os.path.join(PIN_TEST_ROOT, name), ignore_errors=True)
+
+
+# -- a daemon under test, and what it serves ----------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10.0) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+        return r.read().decode()
+
+
+def scrape(url: str) -> dict[str, list]:
+    """family name -> samples (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(http_get(url)):
+        out[fam.name] = [(s.name, s.labels, s.value) for s in fam.samples]
+    return out
+
+
+def samples(metrics: dict, name: str, **labels: str) -> list[tuple[dict, float]]:
+    fam = name.removesuffix("_total")
+    return [(lab, val) for n, lab, val in metrics.get(fam, [])
+            if n == name and all(lab.get(k) == v for k, v in labels.items())]
+
+
+def make_cert(tmp: Path, name: str = "srv", cn: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and ::1: (cert, key)."""
+    require("openssl", shutil.which("openssl") is not None, "apt-get install openssl")
+    key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", f"/CN={cn}", "-addext", "subjectAltName=IP:127.0.0.1,IP:::1",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    return crt, key
+
+
+class DaemonProcess:
+    """`qprobe daemon --config PATH` started, waited for (msg=tracing), its log kept."""
+
+    def __init__(self, config: Path, port: int, *args: str, env: dict | None = None):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.pin_root = f"{PIN_TEST_ROOT}/qtrace-test-{port}"
+        self.proc = popen([*QPROBE, "daemon", "--config", str(config), *args], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "msg=tracing" in line:  # listening comes first, before the BPF load
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(90) or self.proc.poll() is not None:
+            raise AssertionError("daemon did not start: " + "".join(self.log))
+
+    def metrics(self) -> dict:
+        return scrape(self.url)
+
+    def wait_for(self, what, timeout: float = 20.0):
+        """Scrape until what(metrics) is truthy; returns that value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            got = what(m)
+            if got:
+                return got
+            assert time.monotonic() < deadline, \
+                f"timed out; VMs: {[lab['vm'] for lab, _ in samples(m, 'qtrace_vm_info')]}"
+            time.sleep(0.3)
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)

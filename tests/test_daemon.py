@@ -6,9 +6,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -19,15 +17,20 @@ import pytest
 from conftest import (
     QPROBE,
     ROOT,
+    DaemonProcess,
     added,
     bpf_state,
     check_kvm,
     daemon_toml,
+    free_port,
+    http_get,
+    make_cert,
     popen,
     require,
+    samples,
+    scrape,
     wait_settled,
 )
-from prometheus_client.parser import text_string_to_metric_families
 from strace_count import count_state_writes, strace_argv
 
 from qtrace_bpf.vm import VM
@@ -39,59 +42,12 @@ GRACE = 6.0
 HOSTILE = "evil\"quote\\back\nnew,,line{}=" + "x" * 10_000 + os.fsdecode(b"\xff\xfe")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 10.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
-        return r.read().decode()
-
-
-def scrape(url: str) -> dict[str, list]:
-    """family name -> samples (name, labels, value)."""
-    text = http_get(url)
-    out: dict[str, list] = {}
-    for fam in text_string_to_metric_families(text):
-        out[fam.name] = [(s.name, s.labels, s.value) for s in fam.samples]
-    return out
-
-
-def samples(metrics: dict, name: str, **labels: str) -> list[tuple[dict, float]]:
-    fam = name.removesuffix("_total")
-    return [(lab, val) for n, lab, val in metrics.get(fam, [])
-            if n == name and all(lab.get(k) == v for k, v in labels.items())]
-
-
-class Daemon:
+class Daemon(DaemonProcess):
     def __init__(self, tmp: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        port = free_port()
         cfg = tmp / "qtrace.toml"
-        cfg.write_text(daemon_toml(self.port, grace_period=GRACE, rescan_interval=2))
-        self.pin_root = f"/sys/fs/bpf/qtrace-test-{self.port}"
-        self.proc = popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
-                          stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if "msg=tracing" in line:  # listening comes first, before the BPF load
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(90) or self.proc.poll() is not None:
-            raise AssertionError("daemon did not start: " + "".join(self.log))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        cfg.write_text(daemon_toml(port, grace_period=GRACE, rescan_interval=2))
+        super().__init__(cfg, port)
 
 
 class Prometheus:
@@ -358,17 +314,12 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(bpf_caps, tmp_path):
     """The web config file node_exporter takes; Debian's Prometheus scrapes through it."""
     import bcrypt
 
-    openssl = shutil.which("openssl")
-    require("openssl", openssl is not None, "apt-get install openssl")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
-                   check=True, capture_output=True)
+    crt, key = make_cert(tmp_path)
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=10)).decode()
     web = tmp_path / "web.yml"
     web.write_text(json.dumps({
-        "tls_server_config": {"cert_file": str(tmp_path / "c.pem"),
-                              "key_file": str(tmp_path / "k.pem")},
+        "tls_server_config": {"cert_file": str(crt),
+                              "key_file": str(key)},
         "basic_auth_users": {"prom": hashed}}))  # JSON is YAML
     port = free_port()
     cfg = tmp_path / "q.toml"
@@ -378,7 +329,7 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(bpf_caps, tmp_path):
     prom = None
     try:
         prom = Prometheus(tmp_path, port, scheme="https",
-                          tls_config={"ca_file": str(tmp_path / "c.pem")},
+                          tls_config={"ca_file": str(crt)},
                           basic_auth={"username": "prom", "password": "s3cret"})
         deadline = time.monotonic() + 60
         while not prom.query('up{job="qtrace"} == 1 and on() qtrace_ready == 1'):
@@ -387,7 +338,7 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(bpf_caps, tmp_path):
             time.sleep(0.5)
         (tmp_path / "bad").mkdir()
         bad = Prometheus(tmp_path / "bad", port, scheme="https",
-                         tls_config={"ca_file": str(tmp_path / "c.pem")},
+                         tls_config={"ca_file": str(crt)},
                          basic_auth={"username": "prom", "password": "wrong"})
         try:
             deadline = time.monotonic() + 30
@@ -412,17 +363,12 @@ def test_tls_and_basic_auth(bpf_caps, tmp_path):
 
     import bcrypt
 
-    openssl = shutil.which("openssl")
-    require("openssl", openssl is not None, "apt-get install openssl")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "c.pem")],
-                   check=True, capture_output=True)
+    crt, key = make_cert(tmp_path)
     port = free_port()
     hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
     cfg = tmp_path / "q.toml"
-    cfg.write_text(daemon_toml(port) + f'[tls]\ncert_file = "{tmp_path / "c.pem"}"\n'
-                   f'key_file = "{tmp_path / "k.pem"}"\n[basic_auth_users]\n'
+    cfg.write_text(daemon_toml(port) + f'[tls]\ncert_file = "{crt}"\n'
+                   f'key_file = "{key}"\n[basic_auth_users]\n'
                    f'prom = "{hashed}"\n')
     proc = popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
                  stderr=subprocess.PIPE, text=True)
@@ -433,7 +379,7 @@ def test_tls_and_basic_auth(bpf_caps, tmp_path):
                 assert "scheme=https" in line
             if "msg=tracing" in line:
                 break
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "c.pem"))
+        ctx = ssl.create_default_context(cafile=str(crt))
         url = f"https://127.0.0.1:{port}/metrics"
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url, context=ctx, timeout=10)  # noqa: S310

@@ -14,9 +14,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import QPROBE, ROOT, check_kvm, daemon_toml, popen
+from conftest import (
+    QPROBE,
+    ROOT,
+    DaemonProcess,
+    check_kvm,
+    daemon_toml,
+    free_port,
+    popen,
+    samples,
+    scrape,
+)
 from strace_count import count_state_writes, strace_argv
-from test_daemon import free_port, samples, scrape
 
 from qtrace_bpf.vm import VM
 
@@ -24,61 +33,20 @@ pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 QEMU = "/usr/bin/qemu-system-x86_64"
 
 
-class HostDaemon:
-    """qprobe daemon with a config of our own; its log kept line by line."""
+class HostDaemon(DaemonProcess):
+    """qprobe daemon with a config of our own (rescans each second)."""
 
     def __init__(self, tmp: Path, env: dict | None = None, **cfg: object):
         port = free_port()
         path = tmp / f"qtrace-{port}.toml"
         path.write_text(daemon_toml(port, **{"rescan_interval": 1, "grace_period": 30, **cfg}))
-        self._start(path, port, env)
+        super().__init__(path, port, env=env)
 
     @classmethod
-    def from_config(cls, tmp: Path, path: Path, port: int) -> HostDaemon:
+    def from_config(cls, path: Path, port: int) -> HostDaemon:
         d = cls.__new__(cls)
-        d._start(path, port, None)
+        DaemonProcess.__init__(d, path, port)
         return d
-
-    def _start(self, path: Path, port: int, env: dict | None) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{self.port}/metrics"
-        self.proc = popen([*QPROBE, "daemon", "--config", str(path)], cwd=ROOT,
-                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-        self.log: list[str] = []
-        import threading
-
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if "msg=tracing" in line:  # listening comes first, before the BPF load
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(90) or self.proc.poll() is not None:
-            raise AssertionError("daemon did not start: " + "".join(self.log))
-
-    def metrics(self) -> dict:
-        return scrape(self.url)
-
-    def wait_for(self, what, timeout: float = 20.0):
-        """Scrape until what(metrics) is truthy; returns that value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.metrics()
-            got = what(m)
-            if got:
-                return got
-            assert time.monotonic() < deadline, f"timed out; last scrape: {_vm_names(m)}"
-            time.sleep(0.3)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
 
 
 def _catches(pid: int, sig: int) -> bool:

@@ -16,20 +16,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import QPROBE, ROOT, check_bpf, daemon_toml, popen, require
+from conftest import (
+    QPROBE,
+    ROOT,
+    check_bpf,
+    daemon_toml,
+    free_port,
+    make_cert,
+    popen,
+    require,
+)
 from qtrace_bpf.exporters.http import Limits, Server, make_app
 from qtrace_bpf.exporters.webconfig import WebConfig
 
 ACCEPT_OM = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
              "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")  # Prometheus'
-
-
-def make_cert(tmp: Path, name: str = "srv", cn: str = "127.0.0.1") -> tuple[Path, Path]:
-    key, crt = tmp / f"{name}.key", tmp / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", f"/CN={cn}", "-addext", "subjectAltName=IP:127.0.0.1,IP:::1",
-                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
-    return crt, key
 
 
 def bcrypt_hash(password: bytes, rounds: int = 4) -> str:
@@ -273,7 +274,7 @@ def test_check_config_warns_about_unknown_keys_and_passes(tmp_path):
 def test_low_fd_limit_is_named(tmp_path):
     check_bpf()
     cfg = tmp_path / "q.toml"
-    cfg.write_text(daemon_toml(_free_port()))
+    cfg.write_text(daemon_toml(free_port()))
     r = subprocess.run(["prlimit", "--nofile=24", *QPROBE, "daemon", "--config", str(cfg)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "file-descriptor limit too low" in r.stderr, r.stderr
@@ -283,7 +284,7 @@ def test_low_fd_limit_is_named(tmp_path):
 class LiveDaemon:
     def __init__(self, tmp: Path, *args: str, config: str = ""):
         check_bpf()
-        self.port = _free_port()
+        self.port = free_port()
         cfg = tmp / f"d{self.port}.toml"
         cfg.write_text(daemon_toml(self.port) + config)
         self.proc = popen([*QPROBE, "daemon", "--config", str(cfg), *args], cwd=ROOT,
@@ -302,12 +303,6 @@ class LiveDaemon:
     def stop(self) -> int:
         self.proc.terminate()
         return self.proc.wait(30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_metrics_answer_from_the_first_second(tmp_path):

@@ -18,8 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import check_kvm, kvm_numbers, popen, require
-from test_daemon import samples
+from conftest import check_kvm, kvm_numbers, popen, require, samples
 from test_host import HostDaemon
 
 from qtrace_bpf.kvm_ioctls import STATE_WRITE_NAMES

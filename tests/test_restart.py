@@ -11,9 +11,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import QPROBE, ROOT, bpf_state, check_kvm, daemon_toml, wait_settled
+from conftest import (
+    QPROBE,
+    ROOT,
+    bpf_state,
+    check_kvm,
+    daemon_toml,
+    free_port,
+    samples,
+    wait_settled,
+)
 from strace_count import count_state_writes, strace_argv
-from test_daemon import free_port, samples
 from test_host import HostDaemon, qmp_resets
 
 from qtrace_bpf.vm import VM
@@ -36,7 +44,7 @@ class Restartable:
         self.logs: list[str] = []
 
     def start(self) -> HostDaemon:
-        self.current = HostDaemon.from_config(self.tmp, self.config, self.port)
+        self.current = HostDaemon.from_config(self.config, self.port)
         return self.current
 
     def kill(self) -> None:
@@ -173,7 +181,7 @@ def test_keep_on_exit_false_removes_everything_at_sigterm(tmp_path):
     port = free_port()
     cfg = tmp_path / "q.toml"
     cfg.write_text(daemon_toml(port, keep_on_exit=False))
-    daemon = HostDaemon.from_config(tmp_path, cfg, port)
+    daemon = HostDaemon.from_config(cfg, port)
     assert os.path.isdir(f"/sys/fs/bpf/qtrace-test-{port}")
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
