@@ -131,22 +131,24 @@ class Binaries:
         self.debug_roots = debug_roots
         self.log = log or (lambda _msg, **_kw: None)
         self.plans: dict[FileKey, BinaryPlan] = {}
-        self.errors: dict[FileKey, str] = {}  # files that failed, and why (not retried)
+        # files that could not be used, and why: not retried while they stay as they were
+        self.errors: dict[FileKey, tuple[tuple[int, int], str]] = {}
 
     def get(self, path: str, display: str, res: Resolution | None = None) -> BinaryPlan:
         """The plan of the file at `path`, attaching it the first time (AttachError if not)."""
         try:
-            key = file_key(path)
+            st = os.stat(path)
         except OSError as exc:
             raise AttachError(f"{display}: {exc.strerror}", "vanished") from None
+        key, version = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
         if key in self.plans:
             return self.plans[key]
-        if key in self.errors:
-            raise AttachError(self.errors[key], "unusable_binary")
+        if key in self.errors and self.errors[key][0] == version:
+            raise AttachError(self.errors[key][1], "unusable_binary")
         try:
             res = res or resolve(self.catalog, path, display, self.debug_roots)
-        except ElfError as exc:  # the file itself is unusable: remembered, not retried
-            self.errors[key] = str(exc)
+        except ElfError as exc:  # unusable as it is (a half-written file may change)
+            self.errors[key] = (version, str(exc))
             self.log("binary unusable", level="warning", binary=display, reason=exc)
             raise AttachError(str(exc), "unusable_binary") from None
         if _same_file(display, key):
@@ -154,6 +156,7 @@ class Binaries:
         plan = BinaryPlan(key, path, display, res, plan_probes(self.catalog, res))
         self._attach(plan)  # all of the plan's uprobes, or none (then retried next time)
         self.plans[key] = plan
+        self.errors.pop(key, None)
         self._log_plan(plan)
         return plan
 

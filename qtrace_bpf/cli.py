@@ -43,6 +43,8 @@ def main() -> None:
       qprobe watch PID              live view of one VM (Ctrl-C ends, prints a summary)
       qprobe watch PID --json       one JSON object per line
       qprobe demo                   a throwaway VM, traced while hotplug and reset happen
+      qprobe daemon --config F      every VM on the host, as Prometheus metrics
+      qprobe cleanup                remove the maps and probes a daemon left pinned
     """
 
 
@@ -68,6 +70,12 @@ def watch(pid: int, as_json: bool, duration: float | None, hook: str,
     decoded APIC base, TSC frequency and TSC MSRs, with whether they changed.
     Ends at --duration, Ctrl-C, SIGTERM or when QEMU exits; all probes are
     detached on every exit path.
+
+    \b
+    Examples:
+      qprobe watch 4242
+      qprobe watch 4242 --json --duration 60 > writes.jsonl
+      qprobe watch $(pgrep -f 'guest=web1') --hook tracepoint
     """
     from .watch import run_watch
 
@@ -90,6 +98,12 @@ def symbols(binary: str | None, pid: int | None, as_json: bool,
     For each event: the function used, where the symbol came from (.symtab,
     .dynsym, .gnu_debugdata, build-id or debuglink debug file), its address,
     file offset, size, first instruction, inlining, and what is missing.
+
+    \b
+    Examples:
+      qprobe symbols /usr/bin/qemu-system-x86_64
+      qprobe symbols --pid 4242 --json
+      qprobe symbols ./qemu-system-x86_64 --debug-root /srv/debug
     """
     from .symbols_cmd import run_symbols
 
@@ -101,7 +115,18 @@ def symbols(binary: str | None, pid: int | None, as_json: bool,
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(as_json: bool) -> None:
-    """What this host supports and which kernel hook qprobe will use."""
+    """What this host supports and which kernel hook qprobe will use.
+
+    Checks root/capabilities, BCC, kernel headers, BTF, tracefs and uprobes,
+    /dev/kvm and QEMU, then loads the program to find the kernel hook that
+    works here (fentry, kprobe, syscall tracepoints) and says why the others
+    do not.  Exit 0 when qprobe can trace.
+
+    \b
+    Examples:
+      qprobe doctor
+      qprobe doctor --json
+    """
     from .doctor import run_doctor
 
     report = run_doctor()
@@ -213,6 +238,11 @@ def demo(duration: float | None, as_json: bool) -> None:
     The VM starts paused in --preconfig, so its boot is traced in full; then
     the demo creates the machine, runs it, hot-adds a vCPU, resets it over QMP
     and quits it. Needs /dev/kvm and qemu-system-x86_64.
+
+    \b
+    Examples:
+      qprobe demo
+      qprobe demo --json
     """
     from .demo import run_demo
 

@@ -9,8 +9,10 @@ safety net.  Series of a VM that quit are dropped after a grace period.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
+import re
 import time
 
 from . import abi, links
@@ -23,6 +25,11 @@ from .program import QtraceProgram, remove_pins
 from .tracker import Tracker
 
 log = logging.getLogger("qtrace")
+
+
+# Package managers write the new file beside the old one first (qemu-system-x86_64.dpkg-new,
+# qemu-kvm;5f3a9c2e with rpm), then rename it: a glob sees that half-written file.
+_TEMP_NAME = re.compile(r"\.(dpkg-(new|tmp|old|dist|bak)|rpm(new|save|orig))$|;[0-9a-f]{8}$")
 
 
 def _starts_with_elf_magic(path: str) -> bool:
@@ -79,9 +86,9 @@ class Daemon:
         self.stale_layouts: list[str] = []
 
     def pin_dir(self) -> str | None:
-        """Where this layout's pins live: <root>/v<ABI>-<max_vms>x<max_vcpus>.  Pins of
-        another layout (an older qtrace, other map sizes) are never read: removed, and the
-        restart counted as a gap."""
+        """Where this layout's pins live: <root>/v<ABI>-<max_vms>x<max_vcpus>-<catalog>.
+        Pins of another layout (an older qtrace, other map sizes, another catalog) are never
+        read: removed, and the restart counted as a gap."""
         root = self.cfg.bpf_pin_root
         if not root:
             return None
@@ -89,7 +96,11 @@ class Daemon:
             self.log("pinning off: not a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
                      level="warning", bpf_pin_root=root)
             return None
-        layout = f"v{abi.QTRACE_ABI_VERSION}-{self.cfg.max_vms}x{self.cfg.max_vcpus_per_vm}"
+        # the catalog's slots key lifecycle counts and name link pins: part of the layout
+        slots = "".join(f"{p.slot}:{p.event}:{p.action};" for p in self.catalog.probes)
+        catalog = hashlib.sha256(slots.encode()).hexdigest()[:8]
+        layout = (f"v{abi.QTRACE_ABI_VERSION}-{self.cfg.max_vms}x{self.cfg.max_vcpus_per_vm}"
+                  f"-{catalog}")
         if os.path.isdir(root):
             for stale in sorted(set(os.listdir(root)) - {layout}):
                 remove_pins(os.path.join(root, stale))
@@ -121,7 +132,8 @@ class Daemon:
         """The configured QEMU binaries, before any VM exists: VMs are traced from exec."""
         for pattern in self.cfg.qemu_binaries:
             for path in sorted(glob.glob(pattern)):
-                if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+                if _TEMP_NAME.search(path) or not (os.path.isfile(path) and
+                                                   os.access(path, os.X_OK)):
                     continue
                 if not _starts_with_elf_magic(path):
                     # e.g. Debian's qemu-system-i386 is a shell wrapper (xen redirect)

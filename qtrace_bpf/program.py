@@ -206,7 +206,7 @@ class QtraceProgram:
             self._open(hook)
             self._configure()
         except BaseException:
-            self.close()
+            self.close(keep_pins=True)  # a failed start must not throw away pinned counts
             raise
         self.state = "attached"
 

@@ -115,6 +115,9 @@ def test_a_copy_of_the_binary_is_a_new_file_to_attach(daemon, tmp_path):
     copy.parent.mkdir()
     shutil.copy(QEMU, copy)
     with VM("copy-vm", qemu=str(copy)) as vm:
+        # its binary is attached when the daemon sees it start: wait for that
+        d.wait_for(lambda m: any(lab["binary"] == str(copy) for lab, _ in
+                                 samples(m, "qtrace_probes_attached")))
         vm.cmd("cont")
         time.sleep(0.3)
         vm.cmd("system_reset")

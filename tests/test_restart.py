@@ -144,10 +144,12 @@ def test_a_changed_program_replaces_the_old_attachment(tmp_path):
     """A pinned link holding another program (an older qtrace) is replaced, not read."""
     from bcc import BPF
 
-    from qtrace_bpf import abi, links
+    from qtrace_bpf import links
+    from qtrace_bpf.config import load_config
+    from qtrace_bpf.daemon import Daemon
 
     d = Restartable(tmp_path)
-    layout = Path(d.root) / f"v{abi.QTRACE_ABI_VERSION}-1024x64" / "links"
+    layout = Path(Daemon(load_config(str(d.config))).pin_dir()) / "links"  # what it will use
     layout.mkdir(parents=True)
     other = BPF(text=b"int tp_other(void *ctx) { return 0; }")
     fn = other.load_func(b"tp_other", BPF.TRACEPOINT)

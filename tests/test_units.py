@@ -109,3 +109,15 @@ def test_shutdown_causes():
     assert cause(7) == "guest-reset"
     assert cause(10) == "snapshot-load"
     assert cause(99) == "cause-99"
+
+
+def test_package_manager_temp_files_are_not_attached():
+    """A glob sees dpkg's and rpm's half-written files during an upgrade: never attach
+    those (their inode becomes the real binary after the rename)."""
+    from qtrace_bpf.daemon import _TEMP_NAME
+
+    for name in ("qemu-system-x86_64.dpkg-new", "qemu-system-x86_64.dpkg-tmp",
+                 "qemu-kvm;5f3a9c2e", "qemu-system-x86_64.rpmnew"):
+        assert _TEMP_NAME.search(f"/usr/bin/{name}"), name
+    for name in ("qemu-system-x86_64", "qemu-system-x86_64-microvm", "qemu-kvm"):
+        assert not _TEMP_NAME.search(f"/usr/bin/{name}"), name
