@@ -37,7 +37,7 @@ edit qtrace_bpf/abi.py 'PER_VM_MAPS = ("vcpu_fds", ' 'PER_VM_MAPS = ('
 run per_vm_map FAILED tests/test_abi.py
 edit qtrace_bpf/tracker.py '            return {i: vm for i, vm in self.vms.items() if vm.has_vcpus}' '            return dict(self.vms)'
 run non_vm FAILED tests/test_host.py -k "short_lived"
-edit qtrace_bpf/binaries.py '            key = file_key(path)' '            key = (0, hash(elfsym.read_build_id(path)))'
+edit qtrace_bpf/binaries.py '        key, version = (st.st_dev, st.st_ino),' '        key, version = (0, hash(elfsym.read_build_id(path))),'
 run file_key FAILED tests/test_host.py -k "copy_of_the_binary or reinstall"
 edit qtrace_bpf/tracker.py '                self.on_forget(vm)' '                pass'
 run carried FAILED tests/test_host.py -k "restarted_domain"

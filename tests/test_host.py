@@ -96,7 +96,10 @@ def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
         p = subprocess.Popen([str(copy), "-S", "-no-user-config", "-nodefaults", "-nographic",
                               "-machine", "none,accel=kvm", "-qmp", f"unix:{sock},server=on,"
                               "wait=off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.5)  # long enough to be adopted
+        # while it runs, tracked but not a VM: never in the per-VM families
+        alive = d.wait_for(lambda m: samples(m, "qtrace_tracked_processes")[0][1] >= 1 and m)
+        assert not _vm_names(alive), "a process without a vCPU was exported as a VM"
+        assert not samples(alive, "qtrace_kvm_state_writes_total")
         p.terminate()
         p.wait(10)
     m = d.wait_for(lambda m: samples(m, "qtrace_non_vm_processes_total")[0][1] >= 3 and m)
