@@ -151,7 +151,10 @@ def kill_stray_test_processes() -> list[str]:
         except OSError:
             continue
         text = b" ".join(argv).decode(errors="replace")
-        stray_vm = "qtrace-vm-" in text and "qemu-system" in text
+        # QEMUs of our VM helper (QMP socket in a qtrace-vm-* dir) or run from a test's
+        # own copy of the binary (a pytest tmp dir)
+        stray_vm = "qemu-system" in text and ("qtrace-vm-" in text or
+                                              text.startswith("/tmp/pytest-of-"))
         stray_qprobe = "qtrace_bpf.cli" in text and ("daemon" in text or "watch" in text)
         if stray_vm or stray_qprobe:
             try:

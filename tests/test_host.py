@@ -93,15 +93,18 @@ def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
     probe_dir.mkdir()
     for _ in range(3):  # what libvirtd runs for each binary at start and after upgrades
         sock = probe_dir / "qmp.sock"
-        p = subprocess.Popen([str(copy), "-S", "-no-user-config", "-nodefaults", "-nographic",
-                              "-machine", "none,accel=kvm", "-qmp", f"unix:{sock},server=on,"
-                              "wait=off"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # while it runs, tracked but not a VM: never in the per-VM families
-        alive = d.wait_for(lambda m: samples(m, "qtrace_tracked_processes")[0][1] >= 1 and m)
-        assert not _vm_names(alive), "a process without a vCPU was exported as a VM"
-        assert not samples(alive, "qtrace_kvm_state_writes_total")
-        p.terminate()
-        p.wait(10)
+        p = popen([str(copy), "-S", "-no-user-config", "-nodefaults", "-nographic",
+                   "-machine", "none,accel=kvm", "-qmp", f"unix:{sock},server=on,wait=off"],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # while it runs, tracked but not a VM: never in the per-VM families
+            alive = d.wait_for(lambda m: samples(m, "qtrace_tracked_processes")[0][1] >= 1
+                               and m)
+            assert not _vm_names(alive), "a process without a vCPU was exported as a VM"
+            assert not samples(alive, "qtrace_kvm_state_writes_total")
+        finally:
+            p.terminate()
+            p.wait(10)
     m = d.wait_for(lambda m: samples(m, "qtrace_non_vm_processes_total")[0][1] >= 3 and m)
     assert d.proc.poll() is None, "".join(d.log)
     assert not _vm_names(m), "a process without a vCPU was exported as a VM"
