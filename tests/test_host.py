@@ -84,9 +84,13 @@ def daemon(tmp_path):
 def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
     """A binary not attached at start, processes that exit during attach, and libvirt-style
     capability probes (-machine none, no vCPU): the daemon keeps serving and exports no VM."""
+    from qtrace_bpf.targets import running_qemus
+
     copy = tmp_path / "qemu-system-x86_64"
     shutil.copy(QEMU, copy)
+    others = set(running_qemus())  # QEMUs this test did not start
     d = daemon(qemu_binaries=[])  # nothing attached at start: every exec finds a new binary
+    vms_before = _vm_names(d.metrics())
     for _ in range(20):
         subprocess.run([str(copy), "-version"], capture_output=True, check=True)
     probe_dir = tmp_path / "probe"
@@ -98,18 +102,16 @@ def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             # while it runs, tracked but not a VM: never in the per-VM families
-            alive = d.wait_for(lambda m: samples(m, "qtrace_tracked_processes")[0][1] >= 1
-                               and m)
-            assert not _vm_names(alive), "a process without a vCPU was exported as a VM"
-            assert not samples(alive, "qtrace_kvm_state_writes_total")
+            alive = d.wait_for(lambda m: samples(m, "qtrace_tracked_processes")[0][1]
+                               > len(others) and m)
+            assert _vm_names(alive) == vms_before, "a process without a vCPU was exported"
         finally:
             p.terminate()
             p.wait(10)
     m = d.wait_for(lambda m: samples(m, "qtrace_non_vm_processes_total")[0][1] >= 3 and m)
     assert d.proc.poll() is None, "".join(d.log)
-    assert not _vm_names(m), "a process without a vCPU was exported as a VM"
-    assert not samples(m, "qtrace_kvm_state_writes_total")
-    assert samples(m, "qtrace_tracked_processes")[0][1] == 0
+    assert _vm_names(m) == vms_before, "a process without a vCPU was exported as a VM"
+    assert samples(m, "qtrace_tracked_processes")[0][1] == len(others)
     assert "Traceback" not in "".join(d.log)
 
 
@@ -188,7 +190,10 @@ def test_restarted_domain_keeps_its_name_and_its_counters(daemon):
 
 
 def test_a_full_map_is_counted_never_silent(daemon):
-    d = daemon(max_vms=1, max_vcpus_per_vm=1)  # vcpu_fds holds one vCPU
+    from qtrace_bpf.targets import running_qemus
+
+    # vcpu_fds holds one vCPU per VM slot; other QEMUs on this host take slots first
+    d = daemon(max_vms=len(running_qemus()) + 1, max_vcpus_per_vm=1)
     with VM("two-vcpus", smp="2") as vm:
         vm.cmd("cont")
         m = d.wait_for(lambda m: {lab["map"]: v for lab, v in
@@ -241,7 +246,7 @@ def test_log_lines_cannot_be_forged_and_carry_journal_priorities(daemon):
     lines = d.log
     assert lines and all(re.match(r"^<[2-7]>level=(debug|info|warning|error) msg=", ln)
                          for ln in lines), lines
-    tracking = [ln for ln in lines if "msg=tracking" in ln]
+    tracking = [ln for ln in lines if "msg=tracking" in ln and "evil" in ln]
     # the label is made printable first (newline -> ?), and the log quotes what is left
     assert tracking and 'vm="evil name=\\"x\\"?level=error msg=forged"' in tracking[0]
     assert not any(ln.startswith("level=error msg=forged") for ln in lines)
