@@ -107,7 +107,9 @@ def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
         finally:
             p.terminate()
             p.wait(10)
-    m = d.wait_for(lambda m: samples(m, "qtrace_non_vm_processes_total")[0][1] >= 3 and m)
+    # every probe's exit handled: counted as a non-VM, no longer tracked
+    m = d.wait_for(lambda m: samples(m, "qtrace_non_vm_processes_total")[0][1] >= 3 and
+                   samples(m, "qtrace_tracked_processes")[0][1] == len(others) and m)
     assert d.proc.poll() is None, "".join(d.log)
     assert _vm_names(m) == vms_before, "a process without a vCPU was exported as a VM"
     assert samples(m, "qtrace_tracked_processes")[0][1] == len(others)
