@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
 
+from .dwarf_inline import DwarfFile, inlined_instances
 from .errors import ElfError
 
 DEFAULT_DEBUG_ROOTS = ("/usr/lib/debug",)
@@ -165,17 +166,26 @@ def vaddr_to_offset(loads: Iterable[tuple[int, int, int]], vaddr: int) -> int | 
     return None
 
 
+_BINDS = {0: "STB_LOCAL", 1: "STB_GLOBAL", 2: "STB_WEAK", 10: "STB_GNU_UNIQUE"}
+_FUNC_TYPES = (2, 10)  # STT_FUNC, STT_GNU_IFUNC
+_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym, little-endian (x86-64 only)
+
+
 def _iter_funcs(elf: ELFFile, section_name: str) -> Iterator[tuple[str, int, int, str]]:
+    """Defined functions of a symbol table.  Unpacked in bulk: pyelftools' per-symbol
+    objects cost ~15 us each, and an unstripped QEMU has 50,000+ symbols."""
     sec = elf.get_section_by_name(section_name)
-    if sec is None or not hasattr(sec, "iter_symbols"):
+    if sec is None or sec["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
         return
-    for sym in sec.iter_symbols():
-        if sym["st_info"]["type"] not in ("STT_FUNC", "STT_GNU_IFUNC"):
+    data = sec.data()
+    strtab = elf.get_section(sec["sh_link"]).data()
+    usable = len(data) - len(data) % _SYM.size
+    for st_name, st_info, _other, shndx, value, size in _SYM.iter_unpack(data[:usable]):
+        if st_info & 0xF not in _FUNC_TYPES or shndx == 0 or not value:
             continue
-        if sym["st_shndx"] == "SHN_UNDEF" or not sym["st_value"]:
-            continue
-        name = sym.name.split("@", 1)[0]  # name@@VER -> name
-        yield name, sym["st_value"], sym["st_size"], sym["st_info"]["bind"]
+        end = strtab.find(b"\0", st_name)
+        name = strtab[st_name:end if end >= 0 else len(strtab)].decode(errors="replace")
+        yield name.split("@", 1)[0], value, size, _BINDS.get(st_info >> 4, "STB_OTHER")
 
 
 def _debuglink(elf: ELFFile) -> tuple[str, int] | None:
@@ -217,23 +227,6 @@ def _classify(code: bytes) -> tuple[str, bool | None]:
     return prefix + (rest[:4].hex() or "?"), None
 
 
-def _instance_address(dwarf, cu, die) -> int | None:
-    """Where an inlined instance starts: entry_pc, low_pc, or its first range."""
-    for attr in ("DW_AT_entry_pc", "DW_AT_low_pc"):
-        val = die.attributes.get(attr)
-        if val is not None and val.form in ("DW_FORM_addr", "DW_FORM_addrx", "DW_FORM_addrx1",
-                                            "DW_FORM_addrx2", "DW_FORM_addrx4"):
-            return int(val.value)
-    if "DW_AT_ranges" in die.attributes:
-        rl = dwarf.range_lists()
-        if rl is not None:
-            for entry in rl.get_range_list_at_offset(die.attributes["DW_AT_ranges"].value, cu=cu):
-                begin = getattr(entry, "begin_offset", None)
-                if begin is not None:
-                    return int(begin)
-    return None
-
-
 class Binary:
     """One ELF binary opened once; symbol tables loaded lazily, source by source."""
 
@@ -252,7 +245,8 @@ class Binary:
             raise ElfError(f"{self.display}: malformed ELF: {exc}") from None
         self._tables: list[tuple[str, dict[str, list[tuple[str, int, int, str]]]]] | None = None
         self.problems: list[str] = []
-        self.dwarf_elf: ELFFile | None = self.elf if _has_debug_info(self.elf) else None
+        # the file whose DWARF says where functions were inlined (this one or a debug file)
+        self.dwarf_path: str | None = path if _has_debug_info(self.elf) else None
         self._extra_streams: list[io.BufferedIOBase] = []
 
     def close(self) -> None:
@@ -347,8 +341,8 @@ class Binary:
         if sep is not None:
             source, elf = sep
             tables.append((source, self._table(elf, ".symtab")))
-            if self.dwarf_elf is None and _has_debug_info(elf):
-                self.dwarf_elf = elf
+            if self.dwarf_path is None and _has_debug_info(elf):
+                self.dwarf_path = source.split(":", 1)[1]
         self._tables = tables
         return tables
 
@@ -392,29 +386,26 @@ class Binary:
     def inlined_instances(self, names: Iterable[str]) -> dict[str, list[int]]:
         """Addresses where DWARF says a function was inlined (empty without DWARF)."""
         wanted = set(names)
-        found: dict[str, list[int]] = {}
-        if self.dwarf_elf is None or not wanted:
-            return found
+        if self.dwarf_path is None or not wanted:
+            return {}
+        df = None
         try:
-            dwarf = self.dwarf_elf.get_dwarf_info()
-            for cu in dwarf.iter_CUs():
-                for die in cu.iter_DIEs():
-                    if die.tag != "DW_TAG_inlined_subroutine":
-                        continue
-                    origin = die.get_DIE_from_attribute("DW_AT_abstract_origin")
-                    attr = origin.attributes.get("DW_AT_name")
-                    if attr is None:
-                        continue
-                    name = attr.value.decode(errors="replace")
-                    if name not in wanted:
-                        continue
-                    addr = _instance_address(dwarf, cu, die)
-                    found.setdefault(name, [])
-                    if addr is not None:
-                        found[name].append(addr)
+            df = DwarfFile(self.dwarf_path)
+            problem = df.open_alt(self.debug_roots)
+            if problem:
+                self.problems.append(problem)
+            if df.inflated:
+                self.problems.append(f"compressed DWARF ({', '.join(df.inflated)}) inflated "
+                                     "in memory")
+            defined = {n: [s.vaddr for s in self.lookup(n)] for n in wanted}
+            found, _units = inlined_instances(df, wanted, defined)
+            return found
         except Exception as exc:  # noqa: BLE001 - pyelftools asserts on malformed DWARF
             self.problems.append(f"DWARF: unreadable ({type(exc).__name__}: {exc})")
-        return found
+            return {}
+        finally:
+            if df is not None:
+                df.close()
 
 
 def resolve(path: str, names: Iterable[str], *, debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
@@ -452,7 +443,7 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
                     name, "not exported in .dynsym (static, or absent in this version) and no "
                     f"debug symbols: install the debug symbols for build-id "
                     f"{binary.build_id or '?'} ({where})")
-        res.dwarf = binary.dwarf_elf is not None
+        res.dwarf = binary.dwarf_path is not None
         res.inlined = binary.inlined_instances(inline_names)
         problems = list(binary.problems)
         if not res.dwarf:

@@ -8,7 +8,8 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 
 APT_PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 qemu-system-x86 python3-venv
           bpftool strace gcc make binutils xz-utils elfutils prometheus iproute2 openssl
-          systemd util-linux libvirt-daemon-system libvirt-clients bpftrace linux-perf gdb)
+          systemd util-linux libvirt-daemon-system libvirt-clients bpftrace linux-perf gdb
+          dwz debuginfod qemu-utils)
 
 if [ "$(id -u)" != 0 ]; then say "must run as root (BPF, /dev/kvm, apt)"; exit 1; fi
 

@@ -179,4 +179,27 @@ def build_all(gcc: str, out: Path) -> dict[str, Fixture]:
     (wrong_root / ".build-id" / bid[:2]).mkdir(parents=True, exist_ok=True)
     shutil.copy(other, wrong_root / ".build-id" / bid[:2] / f"{bid[2:]}.debug")
     fx["wrong-buildid"] = Fixture("wrong-buildid", stripped_bid, pie, debug_root=wrong_root)
+
+    # Debian's -dbgsym layout: dwz moved what two binaries share (the inlined function's
+    # abstract DIE among it) into a common file named by .gnu_debugaltlink.
+    if shutil.which("dwz"):
+        dwz_dir = out / "dwz"
+        dwz_dir.mkdir(exist_ok=True)
+        a, b = dwz_dir / "a", dwz_dir / "b"
+        shutil.copy(pie, a)
+        shutil.copy(nopie, b)
+        run("dwz", "-m", dwz_dir / "common.debug", "-M", DWZ_NAME, a, b)
+        dwz_root = out / "dwzroot"
+        bid_a = build_id(a)
+        (dwz_root / ".build-id" / bid_a[:2]).mkdir(parents=True, exist_ok=True)
+        run("objcopy", "--only-keep-debug", a, dwz_root / ".build-id" / bid_a[:2] /
+            f"{bid_a[2:]}.debug")
+        (dwz_root / ".dwz").mkdir(exist_ok=True)
+        shutil.copy(dwz_dir / "common.debug", dwz_root / DWZ_NAME.removeprefix("/usr/lib/debug/"))
+        stripped_dwz = dwz_dir / "a-stripped"
+        run("strip", "--strip-all", "-o", stripped_dwz, a)
+        fx["dwz"] = Fixture("dwz", stripped_dwz, pie, debug_root=dwz_root)
     return fx
+
+
+DWZ_NAME = "/usr/lib/debug/.dwz/qtrace-test.debug"

@@ -208,6 +208,45 @@ def test_inlined_function_reported(fixtures):
     assert res.dwarf
 
 
+def test_dwz_alt_file_followed(fixtures):
+    """Debian's -dbgsym layout: the inlined function's abstract DIE lives in the dwz file
+    that .gnu_debugaltlink names; its inlined instance is found all the same."""
+    require("dwz", "dwz" in fixtures, "apt-get install dwz")
+    fx = fixtures["dwz"]
+    res = resolve(fx, "inlined_step", "lifecycle_step")
+    plain = resolve(fixtures["pie"], "inlined_step")
+    assert res.inlined.get("inlined_step") == plain.inlined["inlined_step"] != []
+    assert res.found["lifecycle_step"][0].source.startswith("build-id:")
+    moved = fx.debug_root / ".dwz" / "qtrace-test.debug"
+    moved.rename(moved.with_suffix(".gone"))
+    try:
+        res = resolve(fx, "inlined_step")
+    finally:
+        moved.with_suffix(".gone").rename(moved)
+    assert not res.inlined.get("inlined_step")
+    assert "dwz file /usr/lib/debug/.dwz/qtrace-test.debug" in res.debug_hint
+
+
+def test_dwarf_read_only_where_a_function_is_defined(fixtures):
+    """Three compile units; a function with an out-of-line copy is looked for in the
+    one unit that defines it (.debug_aranges), a function without one by its name."""
+    from qtrace_bpf.dwarf_inline import DwarfFile, inlined_instances
+
+    path = str(fixtures["nopie"].path)
+    df = DwarfFile(path)
+    try:
+        assert len(df.unit_offsets()) >= 3
+        at = {"lifecycle_step": nm_address(fixtures["nopie"].path, "lifecycle_step")}
+        found, units = inlined_instances(df, ["lifecycle_step"], at)
+        assert (found, units) == ({}, 1)
+        found, units = inlined_instances(df, ["inlined_step"], {})
+        assert found["inlined_step"]  # by string: a superset of units (4-byte matches)
+        found, units = inlined_instances(df, ["no_such_function_anywhere"], {})
+        assert (found, units) == ({}, 0)
+    finally:
+        df.close()
+
+
 def test_no_dwarf_says_not_verifiable(fixtures):
     res = resolve(fixtures["minidebuginfo"], "lifecycle_step")
     assert not res.dwarf
