@@ -103,12 +103,15 @@ static __always_inline u32 phase_of(struct proc_state *ps, u32 *cause) {
     *cause = 0;
     if (!ps->boot_done)
         return PH_BOOT;
-    if (ps->windows & W_MIGRATION)
-        return PH_MIGRATION;
+    // A reset outranks a migration window: a machine reset is always the truth for its
+    // writes, even if a migration window were left open (it ends at the incoming
+    // migration's end or failure: migration_incoming_state_destroy).
     if (ps->windows & W_RESET) {
         *cause = ps->cause;
         return PH_RESET;
     }
+    if (ps->windows & W_MIGRATION)
+        return PH_MIGRATION;
     if (ps->hotplug_depth)
         return PH_HOTPLUG;
     return PH_RUNTIME;

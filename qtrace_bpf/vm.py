@@ -104,16 +104,26 @@ class VM:
                 return self.events
             time.sleep(0.05)
 
-    def hotplug_cpu(self) -> dict:
-        """device_add the first free hotpluggable CPU slot; returns its props."""
+    def hotplug_cpu(self, hmp: bool = False) -> dict:
+        """device_add the first free hotpluggable CPU slot; returns its props.
+
+        QMP and HMP reach different QEMU functions from 9.2 on (qdev_device_add_from_qdict
+        directly vs qdev_device_add): `hmp` takes the monitor's text command."""
         slots = self.cmd("query-hotpluggable-cpus")
         free = [s for s in slots if "qom-path" not in s]  # type: ignore[union-attr]
         if not free:
             raise QtraceError("no free CPU slot (raise maxcpus)")
         slot = free[-1]
         props = dict(slot["props"])
-        self.cmd("device_add", driver=slot["type"], id=f"cpu-hot-{len(slots) - len(free)}",
-                 **props)
+        dev_id = f"cpu-hot-{len(slots) - len(free)}"
+        if hmp:
+            line = ",".join([slot["type"], f"id={dev_id}", *(f"{k}={v}" for k, v in props.items())])
+            out = self.cmd("human-monitor-command", **{"command-line": f"device_add {line}"})
+            now = self.cmd("query-hotpluggable-cpus")
+            if len([s for s in now if "qom-path" not in s]) == len(free):  # type: ignore[union-attr]
+                raise QtraceError(f"HMP device_add {line}: {out}")
+        else:
+            self.cmd("device_add", driver=slot["type"], id=dev_id, **props)
         return props
 
     def quit(self, timeout: float = 20.0) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -51,6 +52,32 @@ def check_kvm() -> None:
             "apt-get install qemu-system-x86")
     require("SeaBIOS", os.path.exists("/usr/share/seabios/bios-256k.bin"),
             "apt-get install seabios")
+
+
+def upstream_qemu() -> str | None:
+    """The upstream QEMU that scripts/build-qemu.sh built and cached (test.sh exports it)."""
+    path = os.environ.get("QTRACE_UPSTREAM_QEMU")
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    found = sorted(glob.glob("/var/cache/qtrace/qemu/*/bin/qemu-system-x86_64"))
+    return found[-1] if found else None
+
+
+# The QEMU versions every scenario runs on: Debian's (stripped, .dynsym only) and an
+# upstream build with full DWARF.  Adding one: a build in scripts/build-qemu.sh, a line here.
+QEMU_BUILDS = ("debian-7.2", "upstream-10.0")
+
+
+@pytest.fixture(scope="module", params=QEMU_BUILDS)
+def qemu(request) -> str | None:
+    """Which qemu-system-x86_64 a scenario runs (None: the one on PATH, Debian's)."""
+    check_kvm()
+    if request.param == "debian-7.2":
+        return None
+    path = upstream_qemu()
+    require("upstream QEMU 10.0", path is not None,
+            "bash scripts/build-qemu.sh (builds Debian trixie's QEMU source, ~3 min)")
+    return path
 
 
 @pytest.fixture

@@ -32,13 +32,14 @@ def qmp_resets(vm: VM) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def lifecycle_run(tmp_path_factory):
-    """One VM's whole life, traced by qprobe and, independently, by strace."""
+def lifecycle_run(tmp_path_factory, qemu):
+    """One VM's whole life, traced by qprobe and, independently, by strace: boot, a vCPU
+    hot-added over QMP (vCPU 1) and one over HMP (vCPU 2), a runtime put, a QMP reset."""
     check_kvm()
     tmp = tmp_path_factory.mktemp("strace")
     trace = str(tmp / "strace.out")
     before = bpf_state()
-    vm = VM("lifecycle-e2e", preconfig=True, smp="1,maxcpus=4")
+    vm = VM("lifecycle-e2e", preconfig=True, smp="1,maxcpus=4", qemu=qemu)
     try:
         watcher = Watcher(vm.pid)
         during = added(before, bpf_state())
@@ -52,6 +53,8 @@ def lifecycle_run(tmp_path_factory):
         vm.cmd("cont")
         time.sleep(0.5)
         vm.hotplug_cpu()
+        time.sleep(0.5)
+        vm.hotplug_cpu(hmp=True)
         time.sleep(0.5)
         # reading the registers makes the vCPU dirty: QEMU puts them back at level 1
         vm.cmd("human-monitor-command", **{"command-line": "info registers"})
@@ -111,18 +114,22 @@ def test_boot_phase_in_full(lifecycle_run):
 
 def test_hotplug_phase(lifecycle_run):
     ev = lifecycle_run["events"]
-    # QMP device_add runs qdev_device_add around qdev_device_add_from_qdict here (7.2); from
-    # QEMU 9.2 on only the latter: both are probed, their windows nest
+    # QMP device_add runs qdev_device_add around qdev_device_add_from_qdict in 7.2; from
+    # QEMU 9.2 on only the latter (HMP still goes through both): both are probed, their
+    # windows nest
     assert {"device_add", "device_add_qmp"} <= {e["event"] for e in ev
                                                  if e["kind"] == "lifecycle"}
-    for ioctl in ("KVM_CREATE_VCPU", "KVM_SET_LAPIC", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ"):
-        assert phases_of(ev, 1, ioctl) >= {"hotplug"}, ioctl
+    for vcpu in (1, 2):  # QMP, HMP
+        for ioctl in ("KVM_CREATE_VCPU", "KVM_SET_LAPIC", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ"):
+            assert phases_of(ev, vcpu, ioctl) >= {"hotplug"}, (vcpu, ioctl)
+        before_reset = [e for e in writes(ev, vcpu=vcpu) if e["phase"] != "reset"]
+        assert {e["phase"] for e in before_reset} == {"hotplug"}, vcpu
     assert not [e for e in writes(ev, vcpu=0) if e["phase"] == "hotplug"]
 
 
 def test_reset_phase_and_cause(lifecycle_run):
     ev = lifecycle_run["events"]
-    for vcpu in (0, 1):
+    for vcpu in (0, 1, 2):
         causes = {e.get("cause") for e in writes(ev, vcpu=vcpu, event="KVM_SET_LAPIC")
                   if e["phase"] == "reset"}
         assert "host-qmp-system-reset" in causes, vcpu
@@ -135,7 +142,7 @@ def test_reset_counts_equal_qmp(lifecycle_run):
 
 def test_apic_base_after_reset(lifecycle_run):
     ev = lifecycle_run["events"]
-    for vcpu, expected in ((0, "0xfee00900"), (1, "0xfee00800")):
+    for vcpu, expected in ((0, "0xfee00900"), (1, "0xfee00800"), (2, "0xfee00800")):
         sregs = [e for e in writes(ev, vcpu=vcpu, event="KVM_SET_SREGS2")
                  if e["phase"] == "reset"]
         assert sregs and {e["apic_base"] for e in sregs} == {expected}, (vcpu, sregs)
@@ -152,10 +159,11 @@ def test_per_vcpu_phase_matrix(lifecycle_run):
             seen[(e["vcpu"], e["phase"])].add(e["event"])
     assert seen[(0, "boot")] == {"KVM_CREATE_VCPU", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ",
                                  "KVM_SET_LAPIC"}
-    assert seen[(1, "hotplug")] == {"KVM_CREATE_VCPU", "KVM_SET_LAPIC", "KVM_SET_SREGS2",
-                                    "KVM_SET_TSC_KHZ"}
-    assert seen[(0, "reset")] == {"KVM_SET_LAPIC", "KVM_SET_SREGS2"}
-    assert seen[(1, "reset")] == {"KVM_SET_LAPIC", "KVM_SET_SREGS2"}
+    for vcpu in (1, 2):
+        assert seen[(vcpu, "hotplug")] == {"KVM_CREATE_VCPU", "KVM_SET_LAPIC",
+                                           "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ"}
+    for vcpu in (0, 1, 2):
+        assert seen[(vcpu, "reset")] == {"KVM_SET_LAPIC", "KVM_SET_SREGS2"}
 
 
 def test_put_levels_by_phase(lifecycle_run):
@@ -166,8 +174,8 @@ def test_put_levels_by_phase(lifecycle_run):
     for e in writes(ev, event="KVM_SET_REGS"):
         levels[(e["vcpu"], e["phase"])].add(e.get("level"))
     assert levels[(0, "boot")] == {3, 2}, levels  # post_init, then the boot-time reset
-    assert levels[(1, "hotplug")] == {3}, levels
-    assert levels[(0, "reset")] == levels[(1, "reset")] == {2}, levels
+    assert levels[(1, "hotplug")] == levels[(2, "hotplug")] == {3}, levels
+    assert levels[(0, "reset")] == levels[(1, "reset")] == levels[(2, "reset")] == {2}, levels
     assert levels[(0, "runtime")] == {1}, levels
     assert {e.get("level") for e in writes(ev, event="KVM_SET_TSC_KHZ")
             if e["phase"] != "boot" or e["vcpu"] == 0} <= {3, None}
@@ -193,10 +201,10 @@ def _host_tsc_khz() -> int:
         os.close(kvm)
 
 
-def test_tsc_frequency_decoded(kvm_caps):
+def test_tsc_frequency_decoded(qemu):
     """With -cpu ...,tsc-frequency=F QEMU sets it at vCPU init too; both decode to F."""
     khz = _host_tsc_khz()  # no TSC scaling in nested KVM: ask for what the host has
-    with VM("tsc", preconfig=True, cpu=f"qemu64,tsc-frequency={khz * 1000}") as vm:
+    with VM("tsc", preconfig=True, cpu=f"qemu64,tsc-frequency={khz * 1000}", qemu=qemu) as vm:
         w = Watcher(vm.pid)
         vm.cmd("x-exit-preconfig")
         time.sleep(0.3)
@@ -210,9 +218,9 @@ def test_tsc_frequency_decoded(kvm_caps):
     assert all(e["phase"] == "boot" for e in tsc)
 
 
-def test_guest_initiated_reset(kvm_caps):
+def test_guest_initiated_reset(qemu):
     """SeaBIOS with nothing to boot reboots itself: cause guest-reset, as QMP says."""
-    with VM("rebooter", extra=["-boot", "reboot-timeout=500"]) as vm:
+    with VM("rebooter", extra=["-boot", "reboot-timeout=500"], qemu=qemu) as vm:
         w = Watcher(vm.pid)
         vm.cmd("cont")
         deadline = time.monotonic() + 20
@@ -232,45 +240,147 @@ def test_guest_initiated_reset(kvm_caps):
             if e["phase"] == "reset"} == {"0xfee00900"}
 
 
-def test_incoming_migration_phase(kvm_caps, tmp_path):
-    """Writes while loading an incoming stream are phase migration; QEMU survives it."""
-    state = tmp_path / "vm.state"
-    with VM("mig-src") as src:
+def attach_strace(pid: int, trace: str) -> subprocess.Popen:
+    """strace -p, returned once it has seized every thread (its "attached" line)."""
+    strace = subprocess.Popen([*strace_argv(trace), "-p", str(pid)],
+                              stderr=subprocess.PIPE, text=True)
+    assert strace.stderr is not None
+    line = strace.stderr.readline()
+    assert "attached" in line, f"strace did not attach: {line!r}"
+    return strace
+
+
+def save_state(qemu: str | None, path, cpu: str | None = None) -> None:
+    """Migrate a short-lived VM to a file: the stream an incoming migration loads."""
+    with VM("mig-src", qemu=qemu, cpu=cpu) as src:
         src.cmd("cont")
         time.sleep(0.5)
         src.cmd("stop")
-        src.cmd("migrate", uri=f"exec:cat > {state}")
+        src.cmd("migrate", uri=f"exec:cat > {path}")
         deadline = time.monotonic() + 30
         while src.cmd("query-migrate").get("status") != "completed":  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "migration to file did not complete"
             time.sleep(0.1)
         src.quit()
-    assert state.stat().st_size > 0
-    with VM("mig-dst", extra=["-incoming", "defer"]) as dst:
+    assert path.stat().st_size > 0
+
+
+def wait_migration(vm: VM, status: str) -> None:
+    deadline = time.monotonic() + 30
+    while (got := vm.cmd("query-migrate").get("status")) != status:  # type: ignore[union-attr]
+        assert got != "failed" or status == "failed", "incoming migration failed"
+        assert time.monotonic() < deadline, f"incoming migration not {status}: {got}"
+        time.sleep(0.1)
+
+
+def test_incoming_migration_phase(qemu, tmp_path):
+    """A migration target with an explicit TSC frequency, traced from before machine
+    creation: writes while the stream loads are phase migration (a full put, the TSC
+    frequency again); boot before it, reset after it; every count equals strace's."""
+    khz = _host_tsc_khz()
+    cpu = f"qemu64,tsc-frequency={khz * 1000}"
+    state = tmp_path / "vm.state"
+    save_state(qemu, state, cpu)
+    trace = str(tmp_path / "strace.out")
+    with VM("mig-dst", preconfig=True, cpu=cpu, extra=["-incoming", "defer"], qemu=qemu) as dst:
         w = Watcher(dst.pid)
+        strace = attach_strace(dst.pid, trace)
+        dst.cmd("x-exit-preconfig")
         dst.cmd("migrate-incoming", uri=f"exec:cat {state}")
-        deadline = time.monotonic() + 30
-        while dst.cmd("query-migrate").get("status") != "completed":  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "incoming migration did not complete"
-            time.sleep(0.1)
+        wait_migration(dst, "completed")
         time.sleep(0.3)
         dst.cmd("system_reset")  # after the migration window: phase reset again
         time.sleep(0.3)
         assert dst.proc.poll() is None, "QEMU died during incoming migration"
+        resets = qmp_resets(dst)
         dst.quit()
+        strace.wait(30)
         rc, events = w.wait()
     assert rc == 0, w.stderr
-    ev = events[:-1]
-    assert [e["event"] for e in ev if e["kind"] == "lifecycle"][:1] == ["migration_load"]
-    mig = writes(ev, vcpu=0)
-    assert {"KVM_SET_LAPIC", "KVM_SET_SREGS2"} <= {e["event"] for e in mig
-                                                    if e["phase"] == "migration"}
-    assert "migration_done" in {e["event"] for e in ev if e["kind"] == "lifecycle"}
+    ev, summary = events[:-1], events[-1]
+    lifecycle = [e["event"] for e in ev if e["kind"] == "lifecycle"]
+    assert lifecycle.index("machine_done") < lifecycle.index("migration_load") \
+        < lifecycle.index("migration_done")
+    assert "boot" in phases_of(ev, 0, "KVM_CREATE_VCPU")
+    assert {"KVM_SET_LAPIC", "KVM_SET_SREGS2", "KVM_SET_TSC_KHZ"} <= {
+        e["event"] for e in writes(ev, vcpu=0) if e["phase"] == "migration"}
+    assert {e["tsc_khz"] for e in writes(ev, vcpu=0, event="KVM_SET_TSC_KHZ")
+            if e["phase"] == "migration"} == {khz}
     # the loaded state is put back in full
     assert {e.get("level") for e in writes(ev, vcpu=0, event="KVM_SET_REGS")
             if e["phase"] == "migration"} == {3}
     after = [e for e in writes(ev, vcpu=0, event="KVM_SET_LAPIC") if e["phase"] == "reset"]
-    assert after and after[0]["cause"] == "host-qmp-system-reset"
+    assert after and {e["cause"] for e in after} == {"host-qmp-system-reset"}
+    assert summary["resets"] == dict(resets)
+    ours: Counter = Counter()
+    for row in summary["writes"]:
+        ours[(row["vcpu"], row["ioctl"])] += row["count"]
+    assert ours == count_state_writes(trace)
+
+
+def test_failed_incoming_migration_closes_its_window(qemu, tmp_path):
+    """A stream that breaks off: QEMU 10 (exit-on-error=false) stays up and ends the
+    migration window; a vCPU hot-added afterwards is phase hotplug, not migration.
+    QEMU 7.2 exits on a failed load, which ends everything."""
+    state = tmp_path / "vm.state"
+    save_state(qemu, state)
+    broken = tmp_path / "broken.state"
+    broken.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with VM("mig-fail", smp="1,maxcpus=2", extra=["-incoming", "defer"], qemu=qemu) as dst:
+        w = Watcher(dst.pid)
+        args: dict[str, object] = {"uri": f"exec:cat {broken}"}
+        if qemu is not None:
+            args["exit-on-error"] = False  # QEMU >= 9.1
+        dst.cmd("migrate-incoming", **args)
+        if qemu is None:
+            assert dst.proc.wait(30) != 0, "QEMU 7.2 should exit on a failed incoming load"
+            rc, events = w.wait()
+            assert rc == 0 and events[-1]["stopped_by"] == "target exit", w.stderr
+            assert "migration_load" in {e["event"] for e in events if e["kind"] == "lifecycle"}
+            return
+        wait_migration(dst, "failed")
+        dst.hotplug_cpu()
+        time.sleep(0.5)
+        dst.quit()
+        rc, events = w.wait()
+    assert rc == 0, w.stderr
+    ev = events[:-1]
+    hot = writes(ev, vcpu=1)
+    assert hot and {e["phase"] for e in hot} == {"hotplug"}, Counter(e["phase"] for e in hot)
+    lifecycle = [e["event"] for e in ev if e["kind"] == "lifecycle"]
+    assert lifecycle.index("migration_load") < lifecycle.index("migration_done")
+
+
+def test_loadvm_is_its_own_reset_cause(qemu, tmp_path):
+    """loadvm resets the machine with cause snapshot-load, for which QEMU sends no QMP
+    RESET: it is counted under that cause, never as a guest reset, and the state it then
+    loads is phase migration (QEMU loads it as it loads an incoming stream)."""
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    extra = ["-drive", f"file={disk},if=none,id=d0,format=qcow2",
+             "-device", "virtio-blk-pci,drive=d0"]
+    with VM("loadvm", extra=extra, qemu=qemu) as vm:
+        w = Watcher(vm.pid)
+        vm.cmd("cont")
+        time.sleep(0.3)
+        vm.cmd("stop")
+        for line in ("savevm s1", "loadvm s1"):
+            out = vm.cmd("human-monitor-command", **{"command-line": line})
+            assert not str(out).strip(), f"{line}: {out}"
+        vm.cmd("system_reset")
+        time.sleep(0.3)
+        resets = qmp_resets(vm)
+        vm.quit()
+        rc, events = w.wait()
+    assert rc == 0, w.stderr
+    ev, summary = events[:-1], events[-1]
+    assert summary["resets"].pop("snapshot-load") == 1
+    assert summary["resets"] == dict(resets) == {"host-qmp-system-reset": 1}
+    lapic = writes(ev, vcpu=0, event="KVM_SET_LAPIC")
+    phases = [(e["phase"], e.get("cause")) for e in lapic]
+    assert ("reset", "snapshot-load") in phases and ("migration", None) in phases, phases
+    assert phases.index(("reset", "snapshot-load")) < phases.index(("migration", None)) \
+        < phases.index(("reset", "host-qmp-system-reset"))
 
 
 @pytest.mark.parametrize("how", ["duration", "SIGINT", "SIGTERM", "target exit"])
