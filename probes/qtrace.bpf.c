@@ -371,7 +371,10 @@ static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct pro
     submit(&e);
 }
 
-static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) {
+// trust_args: 0 for an entry on a GCC clone or an inlined instance, whose registers need
+// not hold the arguments (cause and level are then unknown, never guessed).
+static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
+                                    int trust_args) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     struct proc_state *ps = procs.lookup(&tgid);
@@ -395,10 +398,14 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
         return 0;
     }
 
-    u64 arg1 = PT_REGS_PARM1(ctx), arg2 = PT_REGS_PARM2(ctx);
+    u64 arg1 = ARG_UNKNOWN, arg2 = ARG_UNKNOWN;
+    if (trust_args) {
+        arg1 = PT_REGS_PARM1(ctx);
+        arg2 = PT_REGS_PARM2(ctx);
+    }
     u32 level = 0;
     if (action == ACT_RESET) {
-        u32 cause = (u32)arg1;
+        u32 cause = trust_args ? (u32)arg1 : CAUSE_UNKNOWN;
         ps->cause = cause;
         ps->windows |= W_RESET;
         if (ps->boot_done) {
@@ -424,7 +431,7 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return) 
     } else if (action == ACT_MIGRATION_END) {
         ps->windows &= ~W_MIGRATION;
     } else if (action == ACT_PUT) {
-        level = (u32)arg2;
+        level = trust_args ? (u32)arg2 : 0;  // 0: in a put, level unknown
         if (thread_level.update(&tid, &level) < 0)
             failed(M_THREAD_LEVEL);
     }
@@ -475,10 +482,11 @@ int tp_sched_exit(void *ctx) {
 }
 #endif
 
-// One entry and one return handler per catalog slot; the slot's action is data.
+// Entry, return and blind-entry handlers per catalog slot; the slot's action is data.
 #define SLOT(n)                                                                   \
-    int qt_entry_##n(struct pt_regs *ctx) { return on_probe(ctx, n, 0); }        \
-    int qt_return_##n(struct pt_regs *ctx) { return on_probe(ctx, n, 1); }
+    int qt_entry_##n(struct pt_regs *ctx) { return on_probe(ctx, n, 0, 1); }     \
+    int qt_return_##n(struct pt_regs *ctx) { return on_probe(ctx, n, 1, 1); }    \
+    int qt_blind_##n(struct pt_regs *ctx) { return on_probe(ctx, n, 0, 0); }
 
 SLOT(0) SLOT(1) SLOT(2) SLOT(3) SLOT(4) SLOT(5) SLOT(6) SLOT(7)
 SLOT(8) SLOT(9) SLOT(10) SLOT(11) SLOT(12) SLOT(13) SLOT(14) SLOT(15)

@@ -8,7 +8,7 @@
 #define QTRACE_H
 
 // Bumped on any change to a struct below: the layout of what the maps hold.
-#define QTRACE_ABI_VERSION 3
+#define QTRACE_ABI_VERSION 4
 
 // Lifecycle phase of a state write; names in user space are the lower-case suffix.
 enum phase { PH_BOOT = 0, PH_RESET = 1, PH_HOTPLUG = 2, PH_MIGRATION = 3, PH_RUNTIME = 4 };
@@ -52,7 +52,8 @@ enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
 #define CAUSE_GUEST_PANIC 8
 #define CAUSE_SUBSYSTEM_RESET 9
 #define CAUSE_SNAPSHOT_LOAD 10
-#define NCAUSES 11
+#define CAUSE_UNKNOWN 11  // reset entered through a GCC clone: its registers are not read
+#define NCAUSES 12
 
 // A guest reset within FOLLOWUP_NS of a host-requested one is the firmware's own reboot
 // (SeaBIOS answers a QMP system_reset with a hard reboot ~0.1 s later): also counted under
@@ -60,7 +61,10 @@ enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
 #define FOLLOWUP_NS 2000000000ULL
 #define FOLLOWUP_FLAG 0x100
 
-#define MAX_SLOTS 32  // catalog probes: qt_entry_N / qt_return_N handlers
+#define MAX_SLOTS 32  // catalog probes: qt_entry_N / qt_return_N / qt_blind_N handlers
+// arg1/arg2 of a lifecycle event from a qt_blind_N handler: an entry probe on a GCC clone
+// (.isra/.constprop/.part) whose registers need not hold the function's arguments.
+#define ARG_UNKNOWN 0xffffffffffffffffULL
 // VM ids: the kernel numbers the VMs it sees exec from 1 up; user space numbers the ones
 // it adopts later (a /proc rescan, watch) from USER_VM_ID_BASE up.  Keys use the id, never
 // the pid, so a reused pid cannot mix a VM's counters with its predecessor's.

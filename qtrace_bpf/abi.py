@@ -87,6 +87,7 @@ K_EXIT: int
 FOLLOWUP_FLAG: int
 MAX_SLOTS: int
 USER_VM_ID_BASE: int
+ARG_UNKNOWN: int
 NVALS: int
 NCAUSES: int
 NMAPS: int

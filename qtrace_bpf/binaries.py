@@ -35,6 +35,11 @@ class Attached:
     reason: str = ""
     notes: list[str] = field(default_factory=list)
     inlined_offsets: list[int] = field(default_factory=list)  # extra entry probes
+    lost_detail: list[str] = field(default_factory=list)  # what a clone's entry cannot tell
+
+    @property
+    def trust_args(self) -> bool:
+        return self.symbol is None or self.symbol.args_trusted
 
     @property
     def ok(self) -> bool:
@@ -58,17 +63,29 @@ class BinaryPlan:
         """catalog slot -> the function probed for it."""
         return {a.probe.slot: a.function for a in self.attached if a.ok and a.function}
 
-    def uprobes(self) -> list[tuple[int, int, bool]]:
-        """(file offset, catalog slot, is_return) for every uprobe of this plan."""
+    def uprobes(self) -> list[tuple[int, int, str]]:
+        """(file offset, catalog slot, handler kind) for every uprobe of this plan: kind
+        "entry" and "return", or "blind" (an entry whose registers are not the function's
+        arguments: a GCC clone that changes them, or an inlined instance)."""
         out = []
         for att in self.attached:
             slot = att.probe.slot
-            out += [(off, slot, False) for off in att.inlined_offsets]
+            out += [(off, slot, "blind") for off in att.inlined_offsets]
             if att.symbol is not None:
-                out.append((att.symbol.offset, slot, False))
+                out.append((att.symbol.offset, slot, "entry" if att.trust_args else "blind"))
                 if att.probe.has_return:
-                    out.append((att.symbol.offset, slot, True))
+                    out.append((att.symbol.offset, slot, "return"))
         return out
+
+
+_ARG_LOSSES = {"shutdown_cause": "the reset cause (counted as cause unknown)",
+               "level": "the put level (its writes carry none)",
+               "hex": "the value passed (arg2)"}
+
+
+def clone_losses(probe: Probe) -> list[str]:
+    """What a probe cannot tell when it sits on a clone whose arguments are not read."""
+    return [_ARG_LOSSES.get(a, a) for a in (probe.arg1, probe.arg2) if a]
 
 
 def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
@@ -95,15 +112,20 @@ def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
                                f"({', '.join(f'{s.name}@{s.vaddr:#x}' for s in syms)})")
                 continue
             notes = []
+            lost = []
             if sym.is_clone:
-                notes.append(f"GCC clone {sym.name}")
+                lost = [] if sym.args_trusted else clone_losses(probe)
+                notes.append(f"GCC clone {sym.name}" + (
+                    f": its registers need not hold {fn}'s arguments, not read "
+                    f"(lost: {'; '.join(lost)})" if lost else ""))
             if inlined:
                 notes.append(f"{fn} is also inlined at {len(inlined)} site(s): probed too")
             elif fn in probe.inlined or res.inlined.get(fn):
                 notes.append(f"{fn} is inlined at some call sites: those calls are not seen")
             if fn != probe.functions[0]:
                 notes.append(f"fallback for {probe.functions[0]} ({reasons[0]})")
-            chosen = Attached(probe, sym, fn, notes=notes, inlined_offsets=inlined)
+            chosen = Attached(probe, sym, fn, notes=notes, inlined_offsets=inlined,
+                              lost_detail=lost)
             break
         if chosen is None and absent_in(probe, res.qemu_version):
             reasons = [f"{probe.functions[0]}: not in QEMU {res.qemu_version} "

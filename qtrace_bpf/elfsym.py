@@ -24,8 +24,12 @@ from .dwarf_inline import DwarfFile, inlined_instances
 from .errors import ElfError
 
 DEFAULT_DEBUG_ROOTS = ("/usr/lib/debug",)
-# GCC clones of a function keep its behaviour at the clone's entry.
-_CLONE_RE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|cold|lto_priv|localalias)\.\d+")
+# GCC clones of a function: entering one means the function ran (`.cold` is a split-off
+# tail, never an entry, so it is not one of them).  .isra/.constprop drop or reorder
+# arguments and .part is the outlined rest of a partly inlined function: their registers
+# need not hold the function's arguments.  .lto_priv/.localalias are the function itself.
+_CLONE_RE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|lto_priv|localalias)\.\d+")
+ARG_CHANGING_CLONES = ("isra", "constprop", "part")
 _VERSION_RE = re.compile(rb"QEMU emulator version ([0-9][0-9A-Za-z.+~:() _-]{0,80})")
 
 # First-instruction prefixes the x86 uprobe code emulates instead of single-stepping
@@ -72,6 +76,12 @@ class Symbol:
     @property
     def is_clone(self) -> bool:
         return self.name != self.wanted
+
+    @property
+    def args_trusted(self) -> bool:
+        """Do registers at this entry hold the function's own arguments?"""
+        parts = self.name.split(".")[1:]
+        return not any(k in parts for k in ARG_CHANGING_CLONES)
 
 
 @dataclass

@@ -55,12 +55,19 @@ class Decoder:
             probe = self.catalog.by_slot(raw.id)
             ev["event"] = probe.event
             ev["function"] = self.functions(raw.vm).get(raw.id, probe.functions[0])
-            if probe.arg1 == "shutdown_cause":
-                ev["cause"] = decoders.cause(int(raw.arg1))
-            if probe.arg2 == "level":
-                ev["level"] = int(raw.arg2)
-            elif probe.arg2 == "hex":
-                ev["value"] = f"{int(raw.arg2):#x}"
+            if raw.arg1 == abi.ARG_UNKNOWN and raw.arg2 == abi.ARG_UNKNOWN:
+                # a GCC clone's or an inlined instance's entry: no argument was read
+                if probe.arg1 or probe.arg2:
+                    ev["args"] = "unknown"
+                if probe.arg1 == "shutdown_cause":
+                    ev["cause"] = "unknown"
+            else:
+                if probe.arg1 == "shutdown_cause":
+                    ev["cause"] = decoders.cause(int(raw.arg1))
+                if probe.arg2 == "level":
+                    ev["level"] = int(raw.arg2)
+                elif probe.arg2 == "hex":
+                    ev["value"] = f"{int(raw.arg2):#x}"
         return ev
 
 

@@ -357,11 +357,10 @@ class QtraceProgram:
         uprobes = plan.uprobes()
         replaced = len(self.replaced)
         try:
-            for offset, slot, is_return in uprobes:
-                kind = "return" if is_return else "entry"
+            for offset, slot, kind in uprobes:
                 pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}"
                 if self._attach_link(f"qt_{kind}_{slot}", self.bcc.BPF.KPROBE, pin_name,
-                                     lambda o=offset, r=is_return:
+                                     lambda o=offset, r=(kind == "return"):
                                      links.uprobe_event(plan.path, o, r)):
                     made.append(pin_name)
         except AttachError as exc:

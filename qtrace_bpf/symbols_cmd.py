@@ -8,7 +8,7 @@ import os
 import click
 
 from . import binaries, targets
-from .binaries import plan_probes
+from .binaries import clone_losses, plan_probes
 from .catalog import load_catalog
 from .errors import QtraceError
 
@@ -38,11 +38,12 @@ def symbols_report(binary: str | None, pid: int | None,
             row.update(function=att.function, symbol=s.name, source=s.source,
                        address=f"{s.vaddr:#x}", offset=f"{s.offset:#x}", size=s.size,
                        binding=s.binding, first_insn=s.first_insn, emulated=s.emulated,
-                       notes=att.notes)
+                       args_read=att.trust_args, lost=att.lost_detail, notes=att.notes)
         elif att.ok:
             row.update(function=att.function, symbol=f"{att.function} (inlined)",
                        source="DWARF inlined", address="-", offset="-", size=0,
-                       binding="-", first_insn="-", emulated=None, notes=att.notes)
+                       binding="-", first_insn="-", emulated=None, args_read=False,
+                       lost=clone_losses(att.probe), notes=att.notes)
         else:
             row["missing"] = att.reason
         fn = att.function or att.probe.functions[0]

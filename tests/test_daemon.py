@@ -29,6 +29,7 @@ from conftest import (
     require,
     samples,
     scrape,
+    upstream_qemu,
     wait_settled,
 )
 from strace_count import count_state_writes, strace_argv
@@ -42,11 +43,15 @@ GRACE = 6.0
 HOSTILE = "evil\"quote\\back\nnew,,line{}=" + "x" * 10_000 + os.fsdecode(b"\xff\xfe")
 
 
+QEMU_GLOB = "/usr/bin/qemu-system-*"
+
+
 class Daemon(DaemonProcess):
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, binaries: tuple[str, ...] = ()):
         port = free_port()
         cfg = tmp / "qtrace.toml"
-        cfg.write_text(daemon_toml(port, grace_period=GRACE, rescan_interval=2))
+        extra: dict[str, object] = {"qemu_binaries": [QEMU_GLOB, *binaries]} if binaries else {}
+        cfg.write_text(daemon_toml(port, grace_period=GRACE, rescan_interval=2, **extra))
         super().__init__(cfg, port)
 
 
@@ -105,14 +110,17 @@ def strace_wrapper(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    """Daemon first; then VMs under strace from exec; Prometheus scraping all along."""
+    """Daemon first; then VMs under strace from exec (one on the upstream QEMU 10.0 build);
+    Prometheus scraping all along."""
     check_kvm()
+    up10 = upstream_qemu()
+    require("upstream QEMU 10.0", up10 is not None, "bash scripts/build-qemu.sh")
     tmp = tmp_path_factory.mktemp("fleet")
     before = bpf_state()
     from qtrace_bpf.targets import running_qemus
 
     already = len(running_qemus())  # other QEMUs on this host: found by scan, late
-    daemon = Daemon(tmp)
+    daemon = Daemon(tmp, binaries=(str(up10),))
     prom = Prometheus(tmp, daemon.port)
     vms: dict[str, VM] = {}
     try:
@@ -121,13 +129,17 @@ def fleet(tmp_path_factory):
         vms["ops-vm"] = VM("ops-vm", wrapper=strace_wrapper(tmp / "ops.strace"))
         vms["quit-vm"] = VM("quit-vm", wrapper=strace_wrapper(tmp / "quit.strace"))
         vms["hostile"] = VM(HOSTILE)  # argv keeps ',,': QEMU's escaped comma
-        ops = vms["ops-vm"]
+        vms["up10-vm"] = VM("up10-vm", qemu=up10, wrapper=strace_wrapper(tmp / "up10.strace"))
+        ops, up = vms["ops-vm"], vms["up10-vm"]
         ops.cmd("cont")
+        up.cmd("cont")
         vms["quit-vm"].cmd("cont")
         time.sleep(0.5)
         ops.hotplug_cpu()
+        up.hotplug_cpu()
         time.sleep(0.5)
         ops.cmd("system_reset")
+        up.cmd("system_reset")
         time.sleep(1.0)
         ops.cmd("system_reset")
         deadline = time.monotonic() + 40
@@ -143,17 +155,18 @@ def fleet(tmp_path_factory):
         alerts = {a: prom.firing(a) for a in ("QemuVmUnexpectedReset", "QemuVmResetLoop")}
         prom_resets = prom.query("qtrace_vm_resets_total > 0")
         resets = {}
-        for name in ("loop-vm", "ops-vm", "quit-vm"):
+        traced = ("loop-vm", "ops-vm", "quit-vm", "up10-vm")
+        for name in traced:
             vms[name].cmd("stop")
         time.sleep(0.3)
-        for name in ("loop-vm", "ops-vm", "quit-vm"):
+        for name in traced:
             resets[name] = qmp_resets(vms[name])
             vms[name].quit()
         time.sleep(1.0)
         metrics = scrape(daemon.url)
         raw = http_get(daemon.url)
         straces = {n: count_state_writes(str(tmp / f"{n.split('-')[0]}.strace"))
-                   for n in ("loop-vm", "ops-vm", "quit-vm")}
+                   for n in traced}
         yield {"already": already, "before": before, "daemon": daemon, "prom": prom,
                "metrics": metrics, "raw": raw, "tmp": tmp, "resets": resets,
                "straces": straces, "alerts": alerts, "prom_resets": prom_resets, "vms": vms}
@@ -180,10 +193,14 @@ def test_counts_equal_strace_boot_included(fleet):
 
 def test_hotplug_and_reset_phases(fleet):
     m = fleet["metrics"]
-    assert samples(m, "qtrace_kvm_state_writes_total", vm="ops-vm", vcpu="1",
-                   ioctl="KVM_SET_LAPIC", phase="hotplug")
-    assert samples(m, "qtrace_kvm_state_writes_total", vm="ops-vm", vcpu="1",
-                   ioctl="KVM_SET_SREGS2", phase="reset")
+    for vm in ("ops-vm", "up10-vm"):  # QMP device_add: qdev_device_add_from_qdict alone on 10.0
+        assert samples(m, "qtrace_kvm_state_writes_total", vm=vm, vcpu="1",
+                       ioctl="KVM_SET_LAPIC", phase="hotplug"), vm
+        assert samples(m, "qtrace_kvm_state_writes_total", vm=vm, vcpu="1",
+                       ioctl="KVM_SET_SREGS2", phase="reset"), vm
+        phases = {lab["phase"] for lab, v in samples(m, "qtrace_kvm_state_writes_total", vm=vm,
+                                                      vcpu="1") if v}
+        assert phases == {"hotplug", "reset"}, (vm, phases)
 
 
 def test_resets_equal_qmp_events(fleet):

@@ -422,3 +422,57 @@ def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures, nothing_left):
             proc.wait()
         counts = {k.probe: v for k, v in prog.items("lifecycle_counts") if k.vm == vm_id}
         assert counts == {0: 6}
+
+
+def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
+    """cloned_step(x, 5) became cloned_step.constprop.0(x): its registers are not
+    cloned_step's arguments.  A reset probed there counts under cause `unknown`, never
+    under whatever rdi held; a plain function's argument is still read."""
+    from qtrace_bpf import abi
+    from qtrace_bpf.binaries import Binaries
+    from qtrace_bpf.catalog import parse_catalog
+    from qtrace_bpf.program import QtraceProgram
+
+    catalog = parse_catalog(
+        '[[probe]]\nevent = "clone"\nfunctions = ["cloned_step"]\naction = "reset"\n'
+        'arg1 = "shutdown_cause"\n'
+        '[[probe]]\nevent = "plain"\nfunctions = ["lifecycle_step"]\naction = "reset"\n'
+        'arg1 = "shutdown_cause"\n')
+    fx = fixtures["pie"]
+    res = elfsym.resolve(str(fx.path), catalog.functions)
+    with QtraceProgram(catalog) as prog:
+        plan = Binaries(catalog, prog.attach_binary).get(str(fx.path), str(fx.path), res)
+        clone, plain = plan.attached
+        assert clone.symbol is not None and clone.symbol.name.startswith("cloned_step.constprop.")
+        assert not clone.trust_args and plain.trust_args
+        assert clone.lost_detail == ["the reset cause (counted as cause unknown)"]
+        assert any("not read" in n for n in clone.notes)
+        assert sorted(k for _, _, k in plan.uprobes()) == ["blind", "entry", "return", "return"]
+        proc = subprocess.Popen([str(fx.path), "6", "wait"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        vm_id = 0x80000002
+        try:
+            prog.insert_proc(proc.pid, vm_id, boot_done=True)
+            release(proc)
+        finally:
+            proc.kill()
+            proc.wait()
+        resets = {k.cause: v for k, v in prog.items("reset_counts") if k.vm == vm_id}
+    # lifecycle_step(i), from main and from exported_step, for i in 0..5: causes 0..5 read
+    # from rdi, twice each; the clone: unknown, six times
+    assert resets == {**{c: 2 for c in range(6)}, abi.CAUSE_UNKNOWN: 6}, resets
+
+
+def test_symbols_explains_what_a_clone_loses(fixtures):
+    """`qprobe symbols` says which events sit on a clone and which detail they lose."""
+    from qtrace_bpf.binaries import plan_probes
+    from qtrace_bpf.catalog import parse_catalog
+
+    catalog = parse_catalog(
+        '[[probe]]\nevent = "put"\nfunctions = ["cloned_step"]\naction = "put"\n'
+        'arg2 = "level"\n')
+    res = elfsym.resolve(str(fixtures["pie"].path), catalog.functions)
+    [att] = plan_probes(catalog, res)
+    assert att.lost_detail == ["the put level (its writes carry none)"]
+    assert "GCC clone cloned_step.constprop.0" in att.notes[0]
+    assert "lost: the put level" in att.notes[0]
