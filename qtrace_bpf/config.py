@@ -27,6 +27,9 @@ class Config:
     log_level: str = "info"
     kernel_hook: str = "auto"
     debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS
+    # debuginfod servers for stripped binaries' debug files ("" / empty: DEBUGINFOD_URLS)
+    debuginfod_urls: tuple[str, ...] = ()
+    debuginfo_cache: str = "/var/cache/qtrace/debuginfo"
     # Attached at start, before any VM exists, so a VM started later is traced from exec.
     qemu_binaries: tuple[str, ...] = ("/usr/bin/qemu-system-*", "/usr/libexec/qemu-kvm",
                                       "/usr/local/bin/qemu-system-*")
@@ -98,6 +101,8 @@ _KEYS = {
     "log_level": lambda k, v: _choice(k, v, LOG_LEVELS),
     "kernel_hook": lambda k, v: _choice(k, v, ("auto", *MODES)),
     "debug_roots": _strings,
+    "debuginfod_urls": _strings,
+    "debuginfo_cache": _string,
     "qemu_binaries": _strings,
     "grace_period": lambda k, v: float(_number(k, v, integer=False, lo=0, hi=30 * 86400)),
     "rescan_interval": lambda k, v: float(_number(k, v, integer=False, lo=0.5, hi=3600)),

@@ -110,6 +110,11 @@ class Daemon:
         return os.path.join(root, layout)
 
     def load(self) -> None:
+        # The resolver reads debuginfod servers the way elfutils does, from the environment;
+        # the config names them for the daemon (and wins over an inherited variable).
+        if self.cfg.debuginfod_urls:
+            os.environ["DEBUGINFOD_URLS"] = " ".join(self.cfg.debuginfod_urls)
+        os.environ["QTRACE_DEBUGINFO_CACHE"] = self.cfg.debuginfo_cache
         self.stage = "loading the BPF program"
         self.prog = QtraceProgram(self.catalog, hook=self.cfg.kernel_hook, log=self.log,
                                   discovery=True, max_vms=self.cfg.max_vms,

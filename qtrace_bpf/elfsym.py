@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.elf.elffile import ELFFile
 
+from .debuginfod import Debuginfod
 from .dwarf_inline import DwarfFile, inlined_instances
 from .errors import ElfError
 
@@ -105,6 +106,7 @@ class Resolution:
     inlined: dict[str, list[int]] = field(default_factory=dict)  # name -> inlined instance vaddrs
     dwarf: bool = False
     loads: list[tuple[int, int, int]] = field(default_factory=list)  # PT_LOAD (vaddr, filesz, off)
+    retry: bool = False  # a debuginfod fetch failed: do not cache this resolution
 
     def inlined_offsets(self, name: str) -> list[int]:
         """File offsets of the inlined instances of `name` (for uprobes)."""
@@ -241,10 +243,12 @@ class Binary:
     """One ELF binary opened once; symbol tables loaded lazily, source by source."""
 
     def __init__(self, path: str, debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
-                 display: str | None = None):
+                 display: str | None = None, debuginfod: Debuginfod | None = None):
         self.path = path
         self.display = display or path
-        self.debug_roots = tuple(debug_roots)
+        self.debuginfod = debuginfod
+        # a debuginfod cache is a debug root too: what was fetched once is found offline
+        self.debug_roots = tuple(debug_roots) + ((debuginfod.cache,) if debuginfod else ())
         self.elf, self._stream = _open_elf(path, self.display)
         try:
             self.build_id = _build_id(self.elf)
@@ -255,6 +259,7 @@ class Binary:
             raise ElfError(f"{self.display}: malformed ELF: {exc}") from None
         self._tables: list[tuple[str, dict[str, list[tuple[str, int, int, str]]]]] | None = None
         self.problems: list[str] = []
+        self.fetch_failed = False  # a debuginfod fetch failed: worth another try later
         # the file whose DWARF says where functions were inlined (this one or a debug file)
         self.dwarf_path: str | None = path if _has_debug_info(self.elf) else None
         self._extra_streams: list[io.BufferedIOBase] = []
@@ -330,7 +335,21 @@ class Binary:
                     return f"debuglink:{cand}", elf
             if not tried:
                 self.problems.append(f"debuglink {name!r}: not found in {', '.join(dirs)}")
-        return None
+        return self._fetch_debug()
+
+    def _fetch_debug(self) -> tuple[str, ELFFile] | None:
+        """From a debuginfod server, for a binary without its own symbol table."""
+        d = self.debuginfod
+        if d is None or not d.urls or not self.build_id or \
+                self.elf.get_section_by_name(".symtab") is not None:
+            return None
+        path = d.fetch(self.build_id)
+        self.problems.extend(d.problems)
+        self.fetch_failed = path is None
+        if path is None:
+            return None
+        elf = self._debug_file(path, f"debuginfod:{path}")
+        return (f"debuginfod:{path}", elf) if elf is not None else None
 
     def tables(self) -> list[tuple[str, dict[str, list[tuple[str, int, int, str]]]]]:
         if self._tables is not None:
@@ -419,14 +438,16 @@ class Binary:
 
 
 def resolve(path: str, names: Iterable[str], *, debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
-            display: str | None = None, inline_names: Iterable[str] = ()) -> Resolution:
+            display: str | None = None, inline_names: Iterable[str] = (),
+            debuginfod: Debuginfod | None = None) -> Resolution:
     """Resolve `names` in the binary at `path` (raises ElfError for an unusable binary).
 
     pyelftools reports malformed input with many exception types (even assertions);
     callers (watch, the daemon) get exactly one.
     """
     try:
-        return _resolve(path, names, debug_roots, display, inline_names)
+        return _resolve(path, names, debug_roots, display, inline_names,
+                        debuginfod if debuginfod is not None else Debuginfod.from_env())
     except ElfError:
         raise
     except Exception as exc:  # noqa: BLE001 - the resolver's error boundary
@@ -434,8 +455,8 @@ def resolve(path: str, names: Iterable[str], *, debug_roots: Iterable[str] = DEF
 
 
 def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], display: str | None,
-             inline_names: Iterable[str]) -> Resolution:
-    with Binary(path, debug_roots, display) as binary:
+             inline_names: Iterable[str], debuginfod: Debuginfod) -> Resolution:
+    with Binary(path, debug_roots, display, debuginfod) as binary:
         res = Resolution(binary.display, binary.build_id, binary.qemu_version(),
                          binary.elf_type, loads=list(binary.loads))
         res.sources = [s for s, _ in binary.tables()]
@@ -452,8 +473,10 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
                 res.missing[name] = Missing(
                     name, "not exported in .dynsym (static, or absent in this version) and no "
                     f"debug symbols: install the debug symbols for build-id "
-                    f"{binary.build_id or '?'} ({where})")
+                    f"{binary.build_id or '?'} ({where}), or name a debuginfod server "
+                    "(DEBUGINFOD_URLS)")
         res.dwarf = binary.dwarf_path is not None
+        res.retry = binary.fetch_failed
         res.inlined = binary.inlined_instances(inline_names)
         problems = list(binary.problems)
         if not res.dwarf:
@@ -478,7 +501,7 @@ def resolve_cached(path: str, names: Iterable[str], *,
         return _CACHE[key]
     res = resolve(path, key[1], debug_roots=debug_roots, display=display,
                   inline_names=inline_names)
-    if build_id:
+    if build_id and not res.retry:
         _CACHE[key] = res
     return res
 
