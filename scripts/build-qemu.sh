@@ -28,16 +28,8 @@ if [ "$(id -u)" != 0 ]; then say "must run as root (apt build dependencies)"; ex
 
 DEPS=(dpkg-dev ninja-build flex bison pkgconf libglib2.0-dev libpixman-1-dev zlib1g-dev
       python3-venv libfdt-dev seabios qemu-system-data)
-missing=()
-for p in "${DEPS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing build dependencies: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$(dirname "$0")/apt-ensure.sh"
+apt_ensure "${DEPS[@]}"
 
 apt_dir=$cache/apt
 mkdir -p "$apt_dir/etc" "$apt_dir/lists/partial" "$apt_dir/archives/partial"

@@ -13,16 +13,8 @@ APT_PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 qemu-system-x86 python3-
 
 if [ "$(id -u)" != 0 ]; then say "must run as root (BPF, /dev/kvm, apt)"; exit 1; fi
 
-missing=()
-for p in "${APT_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/apt-ensure.sh
+apt_ensure "${APT_PKGS[@]}"
 
 # BCC compiles against kernel headers; this kernel ships none. Link Debian's closest
 # headers (not an exact match: fine for uprobe/tracepoint programs, said out loud).

@@ -77,6 +77,19 @@ def count_hits(path: str, offset: int, run_it) -> int:
         b.cleanup()
 
 
+def run_tracked(prog, path: Path, vm_id: int) -> int:
+    """Run the fixture's loop 6 times as a tracked process (past boot) of `prog`."""
+    proc = subprocess.Popen([str(path), "6", "wait"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        prog.insert_proc(proc.pid, vm_id, boot_done=True)
+        release(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    return vm_id
+
+
 def release(proc: subprocess.Popen) -> None:
     """Let a fixture started with 'N wait' run its loop, and wait for it."""
     assert proc.stdin is not None
@@ -411,15 +424,7 @@ def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures, nothing_left):
         step, plain = plan.attached
         assert step.ok and step.symbol is None and step.inlined_offsets
         assert not plain.ok  # without attach_inlined: reported missing, as before
-        proc = subprocess.Popen([str(fx.path), "6", "wait"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE)
-        vm_id = 0x80000001
-        try:
-            prog.insert_proc(proc.pid, vm_id, boot_done=True)
-            release(proc)
-        finally:
-            proc.kill()
-            proc.wait()
+        vm_id = run_tracked(prog, fx.path, 0x80000001)
         counts = {k.probe: v for k, v in prog.items("lifecycle_counts") if k.vm == vm_id}
         assert counts == {0: 6}
 
@@ -448,15 +453,7 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
         assert clone.lost_detail == ["the reset cause (counted as cause unknown)"]
         assert any("not read" in n for n in clone.notes)
         assert sorted(k for _, _, k in plan.uprobes()) == ["blind", "entry", "return", "return"]
-        proc = subprocess.Popen([str(fx.path), "6", "wait"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE)
-        vm_id = 0x80000002
-        try:
-            prog.insert_proc(proc.pid, vm_id, boot_done=True)
-            release(proc)
-        finally:
-            proc.kill()
-            proc.wait()
+        vm_id = run_tracked(prog, fx.path, 0x80000002)
         resets = {k.cause: v for k, v in prog.items("reset_counts") if k.vm == vm_id}
     # lifecycle_step(i), from main and from exported_step, for i in 0..5: causes 0..5 read
     # from rdi, twice each; the clone: unknown, six times
