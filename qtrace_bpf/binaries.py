@@ -190,7 +190,10 @@ class Binaries:
                  build_id=res.build_id or "-", qemu=res.qemu_version or "?",
                  probes=f"{len(plan.attached) - len(missing)}/{len(plan.attached)}",
                  missing=", ".join(a.probe.event for a in missing) or None,
-                 lost="; ".join(f"{a.probe.event}: {a.probe.lost}" for a in missing) or None,
+                 lost="; ".join([f"{a.probe.event}: {a.probe.lost}" for a in missing] +
+                                [f"{a.probe.event} (GCC clone {a.symbol.name}): "
+                                 f"{', '.join(a.lost_detail)}"
+                                 for a in plan.attached if a.lost_detail and a.symbol]) or None,
                  hint=res.debug_hint or None)
 
 

@@ -445,8 +445,11 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
         'arg1 = "shutdown_cause"\n')
     fx = fixtures["pie"]
     res = elfsym.resolve(str(fx.path), catalog.functions)
+    logged: list[dict] = []
     with QtraceProgram(catalog) as prog:
-        plan = Binaries(catalog, prog.attach_binary).get(str(fx.path), str(fx.path), res)
+        plan = Binaries(catalog, prog.attach_binary,
+                        log=lambda msg, **kw: logged.append({"msg": msg, **kw})).get(
+            str(fx.path), str(fx.path), res)
         clone, plain = plan.attached
         assert clone.symbol is not None and clone.symbol.name.startswith("cloned_step.constprop.")
         assert not clone.trust_args and plain.trust_args
@@ -455,6 +458,8 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
         assert sorted(k for _, _, k in plan.uprobes()) == ["blind", "entry", "return", "return"]
         vm_id = run_tracked(prog, fx.path, 0x80000002)
         resets = {k.cause: v for k, v in prog.items("reset_counts") if k.vm == vm_id}
+    [line] = [x for x in logged if x["msg"] == "binary attached"]
+    assert f"clone (GCC clone {clone.symbol.name}): the reset cause" in line["lost"]
     # lifecycle_step(i), from main and from exported_step, for i in 0..5: causes 0..5 read
     # from rdi, twice each; the clone: unknown, six times
     assert resets == {**{c: 2 for c in range(6)}, abi.CAUSE_UNKNOWN: 6}, resets
