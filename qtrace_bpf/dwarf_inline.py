@@ -64,11 +64,11 @@ class _Slice:
 class DwarfFile:
     """One ELF's DWARF, opened lazily over an mmap; `alt` is its dwz file, if any."""
 
-    def __init__(self, path: str, elf: ELFFile | None = None):
+    def __init__(self, path: str):
         self.path = path
         self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
         self.mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self.elf = elf or ELFFile(self._file)
+        self.elf = ELFFile(self._file)
         self.inflated: list[str] = []  # compressed sections we had to inflate
         self.raw: dict[str, tuple[bytes | mmap.mmap, int, int]] = {}  # (buffer, start, size)
         descs: dict[str, DebugSectionDescriptor | None] = {}
