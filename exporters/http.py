@@ -66,6 +66,9 @@ class Server:
                                                           thread_name_prefix="qtrace-render")
         self.active = 0
         self._idle: dict[asyncio.StreamWriter, float] = {}  # connection -> idle since
+        self._handlers: set[asyncio.Task] = set()  # one per open connection
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = False
         self.refused = 0  # connections closed at once: max_connections open, none idle
         self.evicted = 0  # idle connections closed to make room for a new one
         self.timeouts = 0  # handshakes / requests that did not arrive in time
@@ -106,11 +109,19 @@ class Server:
 
     def shutdown(self) -> None:
         async def close() -> None:
+            """End every connection while the loop still runs (a keep-alive scraper's
+            handler left pending would die at garbage collection, with a traceback).
+            Aborting the socket ends a handler through its own error path; cancelling a
+            task waiting in wait_for() can hang on Python 3.11."""
+            self._closing = True
             for server in self._servers:
                 server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            for _ in range(100):  # a connection accepted just before close() starts late
+                for writer in list(self._writers):
+                    writer.transport.abort()
+                if not self._handlers:
+                    break
+                await asyncio.wait(list(self._handlers), timeout=0.05)
 
         if self._thread.is_alive():
             try:
@@ -124,6 +135,20 @@ class Server:
     # -- connections ---------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        self._handlers.add(me)
+        self._writers.add(writer)
+        try:
+            if self._closing:
+                writer.transport.abort()
+                return
+            await self._serve(reader, writer)
+        finally:
+            self._handlers.discard(me)
+            self._writers.discard(writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= self.limits.max_connections and not self._evict_idle():
             self.refused += 1
             writer.transport.abort()

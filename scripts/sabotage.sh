@@ -55,3 +55,6 @@ edit probes/qtrace.bpf.c 'return on_probe(ctx, n, 0, 0); }' 'return on_probe(ctx
 run clone_args FAILED tests/test_elfsym.py -k "clone_arguments"
 edit qtrace_bpf/debuginfod.py '            if got != build_id:' '            if False:'
 run debuginfod_verify FAILED tests/test_debuginfod.py -k "wrong"
+edit exporters/http.py '                for writer in list(self._writers):
+                    writer.transport.abort()' '                pass'
+run http_close FAILED tests/test_http.py -k "quiet"

@@ -9,6 +9,7 @@ import socket
 import ssl
 import statistics
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -371,3 +372,31 @@ def test_a_thousand_idle_connections_and_twenty_scrapers(tmp_path):
         for s in idle:
             s.close()
         assert d.stop() == 0, "".join(d.log)
+
+
+SHUTDOWN_WITH_OPEN_CONNECTIONS = r"""
+import gc, socket, sys
+from qtrace_bpf.exporters.http import Server, make_app
+server = Server(make_app(lambda fmt, gz: b"x 1\n", lambda: (True, "ok")), [("127.0.0.1", 0)])
+server.start()
+port = server.ports[0]
+socks = []
+for i in range(4):  # three keep-alive connections after a scrape, one that never asked
+    s = socket.create_connection(("127.0.0.1", port))
+    if i:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    socks.append(s)
+server.shutdown()
+gc.collect()
+print("closed", file=sys.stderr)
+"""
+
+
+def test_shutdown_with_open_connections_is_quiet():
+    """Prometheus keeps its connection open: stopping the daemon must close it while the
+    event loop still runs (it once left a task to die at garbage collection, with a
+    traceback in the daemon's log)."""
+    r = subprocess.run([sys.executable, "-c", SHUTDOWN_WITH_OPEN_CONNECTIONS],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stderr.strip() == "closed", r.stderr
