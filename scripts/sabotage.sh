@@ -5,7 +5,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "$(git status --porcelain)" ]; then echo "sabotage: commit or stash first" >&2; exit 2; fi
-trap 'git checkout -q -- .' EXIT
+# The ref_ctr_offset case makes bpftrace fail to attach; bpftrace then leaves its tracefs
+# uprobe event (p_..._bcc_<pid>), which can only be removed once pytest has exited.
+cleanup() {
+  git checkout -q -- .
+  local ev=/sys/kernel/tracing/uprobe_events
+  grep -o '^p:uprobes/p__usr_bin_qemu[^ ]*_bcc_[0-9]*' "$ev" 2>/dev/null | while read -r name; do
+    echo "-:${name#p:}" >> "$ev" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
 PY=.venv/bin/python
 run() {  # name, expectation, pytest args...
   local name=$1 want=$2; shift 2
