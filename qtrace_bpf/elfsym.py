@@ -412,8 +412,10 @@ class Binary:
             return None
         return m.group(1).decode(errors="replace").strip() if m else None
 
-    def inlined_instances(self, names: Iterable[str]) -> dict[str, list[int]]:
-        """Addresses where DWARF says a function was inlined (empty without DWARF)."""
+    def inlined_instances(self, names: Iterable[str],
+                          found: dict[str, list[Symbol]] | None = None) -> dict[str, list[int]]:
+        """Addresses where DWARF says a function was inlined (empty without DWARF).
+        `found`: symbols already looked up (not looked up again)."""
         wanted = set(names)
         if self.dwarf_path is None or not wanted:
             return {}
@@ -426,7 +428,9 @@ class Binary:
             if df.inflated:
                 self.problems.append(f"compressed DWARF ({', '.join(df.inflated)}) inflated "
                                      "in memory")
-            defined = {n: [s.vaddr for s in self.lookup(n)] for n in wanted}
+            found = found or {}
+            defined = {n: [s.vaddr for s in (found[n] if n in found else self.lookup(n))]
+                       for n in wanted}
             found, _units = inlined_instances(df, wanted, defined)
             return found
         except Exception as exc:  # noqa: BLE001 - pyelftools asserts on malformed DWARF
@@ -477,7 +481,7 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
                     "(DEBUGINFOD_URLS)")
         res.dwarf = binary.dwarf_path is not None
         res.retry = binary.fetch_failed
-        res.inlined = binary.inlined_instances(inline_names)
+        res.inlined = binary.inlined_instances(inline_names, res.found)
         problems = list(binary.problems)
         if not res.dwarf:
             problems.append("no DWARF: inlining not verifiable")
