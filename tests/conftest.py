@@ -376,8 +376,11 @@ class DaemonProcess:
             got = what(m)
             if got:
                 return got
-            assert time.monotonic() < deadline, \
-                f"timed out; VMs: {[lab['vm'] for lab, _ in samples(m, 'qtrace_vm_info')]}"
+            assert time.monotonic() < deadline, (
+                f"timed out; VMs: {[lab['vm'] for lab, _ in samples(m, 'qtrace_vm_info')]}; "
+                f"tracked processes: {samples(m, 'qtrace_tracked_processes')}; "
+                f"non-VM processes: {samples(m, 'qtrace_non_vm_processes_total')}; "
+                f"daemon log:\n{''.join(self.log)[-3000:]}")
             time.sleep(0.3)
 
     def stop(self) -> int:

@@ -108,11 +108,12 @@ def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
             p.terminate()
             p.wait(10)
     # every probe's exit handled: counted as a non-VM, no longer tracked
+    # (another test's QEMU that was still exiting when `others` was taken is gone by now)
     m = d.wait_for(lambda m: samples(m, "qtrace_non_vm_processes_total")[0][1] >= 3 and
-                   samples(m, "qtrace_tracked_processes")[0][1] == len(others) and m)
+                   samples(m, "qtrace_tracked_processes")[0][1] ==
+                   len(others & set(running_qemus())) and m)
     assert d.proc.poll() is None, "".join(d.log)
     assert _vm_names(m) == vms_before, "a process without a vCPU was exported as a VM"
-    assert samples(m, "qtrace_tracked_processes")[0][1] == len(others)
     assert "Traceback" not in "".join(d.log)
 
 
