@@ -80,14 +80,14 @@ def run_once(exe: str, loops: int, prog=None, track: bool = False) -> list[float
     assert p.stdout is not None and p.stdin is not None
     assert p.stdout.readline().strip() == "ready"
     if track and prog is not None:
-        prog.insert_proc(p.pid, abi.USER_VM_ID_BASE + p.pid, boot_done=True)
+        prog.maps.insert_proc(p.pid, abi.USER_VM_ID_BASE + p.pid, boot_done=True)
     p.stdin.write("g")
     p.stdin.close()
     out = p.stdout.readline()
     p.wait()
     if track and prog is not None:
-        prog.delete_proc(p.pid)
-        prog.delete_vms([abi.USER_VM_ID_BASE + p.pid])
+        prog.maps.delete_proc(p.pid)
+        prog.maps.delete_vms([abi.USER_VM_ID_BASE + p.pid])
     return [float(x) for x in out.split()]
 
 

@@ -25,12 +25,12 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qtrace_bpf import abi  # noqa: E402
-from qtrace_bpf.binaries import Binaries  # noqa: E402
+from qtrace_bpf import abi, maps  # noqa: E402
+from qtrace_bpf.binaries import QemuBinaries  # noqa: E402
 from qtrace_bpf.catalog import load_catalog  # noqa: E402
 from qtrace_bpf.kvm_ioctls import BY_NAME  # noqa: E402
 from qtrace_bpf.program import QtraceProgram  # noqa: E402
-from qtrace_bpf.tracker import Tracker, Vm  # noqa: E402
+from qtrace_bpf.tracker import TracedVm, Tracker  # noqa: E402
 
 IOCTLS = ["KVM_SET_REGS", "KVM_SET_SREGS2", "KVM_SET_MSRS", "KVM_SET_XSAVE", "KVM_SET_XCRS",
           "KVM_SET_VCPU_EVENTS", "KVM_SET_MP_STATE", "KVM_SET_DEBUGREGS", "KVM_SET_LAPIC",
@@ -45,16 +45,16 @@ class FakeDaemon:
         from types import SimpleNamespace
 
         self.prog, self.catalog = prog, prog.catalog
-        self.binaries = Binaries(self.catalog, lambda plan: None)
-        self.tracker = Tracker(prog, self.binaries, max_vms=vms, grace=300)
-        self.ready, self.stage, self.last_scrape_seconds, self.on_forget = True, "tracing", 0, None
+        self.binaries = QemuBinaries(self.catalog, lambda plan: None)
+        self.tracker = Tracker(prog.maps, self.binaries, max_vms=vms, grace=300)
+        self.ready, self.stage, self.http = True, "tracing", None
         plan = SimpleNamespace(resolution=SimpleNamespace(qemu_version="7.2.22",
                                                           build_id="d9541fd67c4ea37f"))
-        writes = prog.bpf["write_counts"]
-        resets = prog.bpf["reset_counts"]
+        writes = prog.bpf[maps.WRITES.name]
+        resets = prog.bpf[maps.RESETS.name]
         for i in range(vms):
             vm_id = abi.USER_VM_ID_BASE + i + 1
-            self.tracker.vms[vm_id] = Vm(vm_id, 100000 + i, 1, f"vm-{i:04d}", f"uuid-{i}",
+            self.tracker.vms[vm_id] = TracedVm(vm_id, 100000 + i, 1, f"vm-{i:04d}", f"uuid-{i}",
                                          "/usr/bin/qemu-system-x86_64", plan, "exec",
                                          has_vcpus=True)
             for vcpu in range(vcpus):
@@ -125,8 +125,8 @@ def main() -> None:
                      if not ln.startswith(b"#") and ln.startswith(b"qtrace_"))
         reg = CollectorRegistry(auto_describe=False)
         reg.register(VmCollector(d))
-        bcc_items = timed(lambda: [(k, v.value) for k, v in prog.bpf["write_counts"].items()], 5)
-        batch = timed(lambda: prog.items("write_counts"), 5)
+        bcc_items = timed(lambda: [(k, v.value) for k, v in prog.bpf[maps.WRITES.name].items()], 5)
+        batch = timed(lambda: prog.maps.items(maps.WRITES.name), 5)
         ours_text = timed(lambda: fresh.get(TEXT, False), 10)
         ours_om = timed(lambda: fresh.get(OPENMETRICS, False), 10)
         theirs = timed(lambda: generate_latest(reg), 10)

@@ -245,18 +245,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """'HOST:PORT', '[V6]:PORT' or ':PORT' (all addresses, v4 and v6) -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(value)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(value)  # an IPv6 address needs brackets
-    return host or "::", int(port)
-
-
 LANDING = b"""<!DOCTYPE html>
 <html><head><title>qtrace</title></head><body>
 <h1>qtrace</h1>

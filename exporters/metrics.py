@@ -1,9 +1,10 @@
 """What /metrics says: per-VM families (VmCollector) and qtrace's health (SelfCollector),
 read from the BPF maps and the tracker at scrape time, never pushed; Exposition renders them.
 
-Metric names and labels are a contract (shared/ARCHITECTURE.md): dashboards and alerts
-rely on them.  Per-VM samples with equal labels are summed (two processes of one domain
-name, one restarted within the grace period).
+The exporter only reads what `Observed` names and writes nothing back; the daemon hands
+VmCollector.carry to the tracker itself.  Metric names and labels are a contract
+(docs/architecture.md): dashboards and alerts rely on them.  Per-VM samples with equal
+labels are summed (two processes of one domain name, one restarted within the grace period).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import platform
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qtrace_bpf import __version__, abi, decoders
+from qtrace_bpf import __version__, abi, decoders, maps
+from qtrace_bpf.catalog import Catalog
 
 from .exposition import OPENMETRICS, Family, SharedRender, render
 
-VM_WIDE = "vm"  # the vcpu label of VM-wide ioctls (KVM_SET_CLOCK, KVM_SET_IRQCHIP, ...)
 # Resets nobody on the host asked for (watchdog and panic actions report guest-reset /
 # guest-panic); the alert rules use the same list.
 UNEXPECTED_CAUSES = ("host-error", "guest-reset", "guest-panic")
@@ -30,22 +32,19 @@ UNEXPECTED_CAUSES = ("host-error", "guest-reset", "guest-panic")
 RESET_CAUSES = ("host-error", "host-qmp-system-reset", "host-ui", "guest-reset", "guest-panic",
                 "subsystem-reset", "snapshot-load")
 
-# map -> (family, help, label names after `vm`, row -> label values)
-_FAMILIES = {
-    "write_counts": ("qtrace_kvm_state_writes",
-                     "KVM state-writing ioctls QEMU made, by vCPU and phase",
-                     ["vcpu", "ioctl", "phase"],
-                     lambda r: [VM_WIDE if r["vcpu"] is None else str(r["vcpu"]), r["ioctl"],
-                                r["phase"]]),
-    "error_counts": ("qtrace_kvm_ioctl_errors",
-                     "State-writing KVM ioctls that failed (negative return)",
-                     ["ioctl"], lambda r: [r["ioctl"]]),
-    "lifecycle_counts": ("qtrace_lifecycle_events", "QEMU lifecycle functions entered (uprobes)",
-                         ["event"], lambda r: [r["event"]]),
-}
+Labels = maps.Labels
 
 
-Labels = tuple[str, ...]
+class Observed(Protocol):
+    """The daemon as the exporter sees it: read at scrape time, never written."""
+
+    catalog: Catalog
+    ready: bool
+    stage: str
+    prog: Any  # QtraceProgram | None (None while starting): items(), hook_mode, ...
+    tracker: Any  # Tracker: lock, snapshot(), counters of what it refused
+    binaries: Any  # QemuBinaries: plans, errors
+    http: Any  # the server, for its connection counters (None before it starts)
 
 
 class VmCollector:
@@ -53,51 +52,45 @@ class VmCollector:
     when the old process's entries are forgotten while a VM of the same name remains, its
     counts are carried (in memory) and added to that name's series."""
 
-    def __init__(self, daemon) -> None:  # a qtrace_bpf.daemon.Daemon
+    def __init__(self, daemon: Observed) -> None:
         self.daemon = daemon
         self.carried: dict[str, dict[tuple[str, Labels], int]] = {}
         self._memo: dict[str, dict[bytes, Labels]] = {}
-        daemon.on_forget = self.carry
+        self.last_seconds = 0.0  # how long the last families() took (a self-metric)
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: families depend on what is running
 
-    def _labels(self, table: str, name: str, row: dict) -> Labels:
-        if table == "reset_counts":
-            return (name, row["cause"], "1" if row["following_host"] else "")
-        return (name, *_FAMILIES[table][3](row))
-
     def carry(self, gone) -> None:
-        """Tracker.on_forget (the tracker's lock is held)."""
+        """Subscribed to the tracker's "VM forgotten" (its lock is held)."""
         d = self.daemon
         if not any(v.name == gone.name and v.vm_id != gone.vm_id for v in d.tracker.vms.values()):
             self.carried.pop(gone.name, None)  # the name is gone with it
             return
         into = self.carried.setdefault(gone.name, defaultdict(int))
-        for table in (*_FAMILIES, "reset_counts"):
-            for vm_id, row, n in decoders.rows(d.prog.items(table), table, d.catalog):
+        for spec in maps.COUNTERS:
+            for vm_id, row, n in spec.rows(d.prog.maps.items(spec.name), d.catalog):
                 if vm_id == gone.vm_id:
-                    into[(table, self._labels(table, gone.name, row))] += n
+                    into[(spec.name, (gone.name, *spec.label_values(row)))] += n
 
     def _sums(self, vms: dict, carried: dict) -> dict[str, dict[Labels, int]]:
-        """Label tuples -> counts.  A key's bytes after its VM id decode to the same labels
-        every time: decoded once (ROWS), then looked up; ~10x cheaper at 10k series."""
+        """Label tuples -> counts, by map.  A key's bytes after its VM id decode to the same
+        labels every time: decoded once, then looked up; ~10x cheaper at 10k series."""
         d = self.daemon
-        sums: dict[str, dict[Labels, int]] = {t: defaultdict(int)
-                                               for t in (*_FAMILIES, "reset_counts")}
-        for table, into in sums.items():
-            memo = self._memo.setdefault(table, {})
+        sums: dict[str, dict[Labels, int]] = {s.name: defaultdict(int) for s in maps.COUNTERS}
+        for spec in maps.COUNTERS:
+            into = sums[spec.name]
+            memo = self._memo.setdefault(spec.name, {})
             if len(memo) > 200_000:
                 memo.clear()
-            for key, n in d.prog.items(table):
+            for key, n in d.prog.maps.items(spec.name):
                 raw = bytes(key)
                 vm = vms.get(int.from_bytes(raw[:4], "little"))  # vm is every key's first u32
                 if vm is None:
                     continue
                 rest = memo.get(raw[4:])
                 if rest is None:
-                    rest = memo[raw[4:]] = self._labels(
-                        table, "", decoders.ROWS[table](key, d.catalog))[1:]
+                    rest = memo[raw[4:]] = spec.label_values(spec.fields(key, d.catalog))
                 into[(vm.name, *rest)] += n
         names = {vm.name for vm in vms.values()}
         for name, rows in carried.items():
@@ -115,10 +108,10 @@ class VmCollector:
             vms = d.tracker.snapshot()
             carried = {name: dict(rows) for name, rows in self.carried.items()}
         sums = self._sums(vms, carried)
-        out = [Family(name, help_, "counter", ("vm", *labels), dict(sums[table]))
-               for table, (name, help_, labels, _values) in _FAMILIES.items()]
+        out = [Family(s.family, s.help, "counter", ("vm", *s.labels), dict(sums[s.name]))
+               for s in maps.COUNTERS if s.family]
         names = sorted({vm.name for vm in vms.values()})
-        resets = sums["reset_counts"]
+        resets = sums[maps.RESETS.name]
         # every known cause, zeros too: increase() sees a VM's first reset
         counted = {(n, c): v for (n, c, follow), v in resets.items() if not follow}
         out.append(Family(
@@ -136,7 +129,7 @@ class VmCollector:
             ("vm", "pid", "uuid", "qemu_version", "build_id"),
             {(vm.name, str(vm.pid), vm.uuid, vm.qemu_version, vm.build_id): 1
              for vm in vms.values()}))
-        d.last_scrape_seconds = time.perf_counter() - started
+        self.last_seconds = time.perf_counter() - started
         return out
 
     def collect(self) -> Iterator[Metric]:
@@ -150,8 +143,9 @@ class VmCollector:
 
 
 class SelfCollector:
-    def __init__(self, daemon) -> None:
+    def __init__(self, daemon: Observed, vms: VmCollector) -> None:
         self.daemon = daemon
+        self.vms = vms  # for how long its last collection took
 
     def describe(self) -> list[Metric]:
         return []
@@ -210,13 +204,13 @@ class SelfCollector:
         yield hook
         lost = CounterMetricFamily("qtrace_events_lost", "Ring-buffer events dropped, by kind "
                                    "(counters are unaffected)", labels=["kind"])
-        for kind, n in d.prog.events_lost().items():
+        for kind, n in d.prog.maps.events_lost().items():
             lost.add_metric([kind], n)
         yield lost
         failed = CounterMetricFamily("qtrace_map_updates_failed",
                                      "BPF map inserts refused because the map was full (raise "
                                      "max_vms / max_vcpus_per_vm)", labels=["map"])
-        for name, n in d.prog.update_failures().items():
+        for name, n in d.prog.maps.update_failures().items():
             failed.add_metric([name], n)
         yield failed
         decode = CounterMetricFamily("qtrace_decode_errors",
@@ -249,7 +243,7 @@ class SelfCollector:
         yield gaps
         yield GaugeMetricFamily("qtrace_scrape_duration_seconds",
                                 "Time the last collection of the per-VM families took",
-                                value=d.last_scrape_seconds)
+                                value=self.vms.last_seconds)
 
 
 def _bcc_version() -> str:
@@ -264,13 +258,13 @@ class Exposition:
     """/metrics for one daemon: the per-VM families rendered directly, qtrace's own through
     prometheus_client (with its process_* collector); concurrent scrapes share renders."""
 
-    def __init__(self, daemon, share_window: float = 0.25) -> None:
+    def __init__(self, daemon: Observed, share_window: float = 0.25) -> None:
         from prometheus_client import CollectorRegistry
         from prometheus_client.process_collector import ProcessCollector
 
         self.vms = VmCollector(daemon)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SelfCollector(daemon))
+        self.registry.register(SelfCollector(daemon, self.vms))
         ProcessCollector(registry=self.registry)
         self.shared = SharedRender(self._render, share_window)
 

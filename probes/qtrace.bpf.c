@@ -404,8 +404,9 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
         arg2 = PT_REGS_PARM2(ctx);
     }
     u32 level = 0;
+#define ARG(n) ((n) == 1 ? arg1 : arg2)
     if (action == ACT_RESET) {
-        u32 cause = trust_args ? (u32)arg1 : CAUSE_UNKNOWN;
+        u32 cause = trust_args ? (u32)ARG(RESET_CAUSE_ARG) : CAUSE_UNKNOWN;
         ps->cause = cause;
         ps->windows |= W_RESET;
         if (ps->boot_done) {
@@ -431,7 +432,7 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
     } else if (action == ACT_MIGRATION_END) {
         ps->windows &= ~W_MIGRATION;
     } else if (action == ACT_PUT) {
-        level = trust_args ? (u32)arg2 : 0;  // 0: in a put, level unknown
+        level = trust_args ? (u32)ARG(PUT_LEVEL_ARG) : 0;  // 0: in a put, level unknown
         if (thread_level.update(&tid, &level) < 0)
             failed(M_THREAD_LEVEL);
     }

@@ -24,6 +24,16 @@ enum action {
     ACT_PUT = 6,              // entry: this thread puts registers at level arg2; return: done
 };
 
+// Actions that also act at function return (a uretprobe, qt_return_N): the return branch of
+// on_probe() handles exactly these, and user space places uretprobes for exactly these.
+// Never for a function that may run in a coroutine (qemu_loadvm_state): a uretprobe there
+// can kill QEMU.
+#define RETURN_ACTIONS ((1 << ACT_RESET) | (1 << ACT_HOTPLUG) | (1 << ACT_BOOT_DONE) | (1 << ACT_PUT))
+// The argument (x86-64 SysV: 1 = rdi, 2 = rsi) whose value the kernel itself uses; the
+// catalog must give it that meaning (catalog.py checks).
+#define RESET_CAUSE_ARG 1  // qemu_system_reset(ShutdownCause reason): "shutdown_cause"
+#define PUT_LEVEL_ARG 2    // kvm_arch_put_registers(CPUState *, int level, ...): "level"
+
 // struct event.kind
 enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
 #define NKINDS 5

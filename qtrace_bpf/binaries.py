@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from . import elfsym
 from .catalog import Catalog, Probe, absent_in
+from .debugfiles import DEFAULT_DEBUG_ROOTS
+from .debuginfod import Debuginfod
 from .elfsym import Resolution, Symbol
 from .errors import AttachError, ElfError
 
@@ -26,7 +28,7 @@ def file_key(path: str) -> FileKey:
 
 
 @dataclass
-class Attached:
+class PlannedProbe:
     """One catalog probe as planned for a binary (or why it cannot be)."""
 
     probe: Probe
@@ -47,15 +49,15 @@ class Attached:
 
 
 @dataclass
-class BinaryPlan:
+class AttachPlan:
     key: FileKey
     path: str  # opens the file (may be /proc/PID/exe)
     display: str  # what an operator calls it
     resolution: Resolution
-    attached: list[Attached] = field(default_factory=list)
+    attached: list[PlannedProbe] = field(default_factory=list)
 
     @property
-    def missing(self) -> list[Attached]:
+    def missing(self) -> list[PlannedProbe]:
         return [a for a in self.attached if not a.ok]
 
     @property
@@ -88,17 +90,17 @@ def clone_losses(probe: Probe) -> list[str]:
     return [_ARG_LOSSES.get(a, a) for a in (probe.arg1, probe.arg2) if a]
 
 
-def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
+def plan_probes(catalog: Catalog, res: Resolution) -> list[PlannedProbe]:
     """catalog x symbols = attach points; anything that does not resolve says why."""
     out = []
     for probe in catalog.probes:
-        chosen: Attached | None = None
+        chosen: PlannedProbe | None = None
         reasons = []
         for fn in probe.functions:
             syms = res.found.get(fn)
             inlined = res.inlined_offsets(fn) if probe.attach_inlined else []
             if not syms and inlined:
-                chosen = Attached(probe, None, fn, inlined_offsets=inlined, notes=[
+                chosen = PlannedProbe(probe, None, fn, inlined_offsets=inlined, notes=[
                     f"{fn} has no out-of-line copy: probing its {len(inlined)} inlined "
                     "instance(s) from DWARF"])
                 break
@@ -124,39 +126,42 @@ def plan_probes(catalog: Catalog, res: Resolution) -> list[Attached]:
                 notes.append(f"{fn} is inlined at some call sites: those calls are not seen")
             if fn != probe.functions[0]:
                 notes.append(f"fallback for {probe.functions[0]} ({reasons[0]})")
-            chosen = Attached(probe, sym, fn, notes=notes, inlined_offsets=inlined,
+            chosen = PlannedProbe(probe, sym, fn, notes=notes, inlined_offsets=inlined,
                               lost_detail=lost)
             break
         if chosen is None and absent_in(probe, res.qemu_version):
             reasons = [f"{probe.functions[0]}: not in QEMU {res.qemu_version} "
                        f"(exists since {probe.since})"]
-        out.append(chosen or Attached(probe, None, None, reason="; ".join(reasons)))
+        out.append(chosen or PlannedProbe(probe, None, None, reason="; ".join(reasons)))
     return out
 
 
 def resolve(catalog: Catalog, path: str, display: str,
-            debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS) -> Resolution:
+            debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS,
+            debuginfod: Debuginfod | None = None) -> Resolution:
     """Symbols for every catalog function (cached by build-id)."""
     names = catalog.functions
     return elfsym.resolve_cached(path, names, debug_roots=debug_roots, display=display,
-                                 inline_names=names)
+                                 inline_names=names, debuginfod=debuginfod)
 
 
-class Binaries:
+class QemuBinaries:
     """Every QEMU binary file seen, resolved and attached once (or why it could not be)."""
 
-    def __init__(self, catalog: Catalog, attach: Callable[[BinaryPlan], None],
-                 debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS,
+    def __init__(self, catalog: Catalog, attach: Callable[[AttachPlan], None],
+                 debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS,
+                 debuginfod: Debuginfod | None = None,
                  log: Callable[..., None] | None = None):
         self.catalog = catalog
         self._attach = attach  # QtraceProgram.attach_binary
         self.debug_roots = debug_roots
+        self.debuginfod = debuginfod
         self.log = log or (lambda _msg, **_kw: None)
-        self.plans: dict[FileKey, BinaryPlan] = {}
+        self.plans: dict[FileKey, AttachPlan] = {}
         # files that could not be used, and why: not retried while they stay as they were
         self.errors: dict[FileKey, tuple[tuple[int, int], str]] = {}
 
-    def get(self, path: str, display: str, res: Resolution | None = None) -> BinaryPlan:
+    def get(self, path: str, display: str, res: Resolution | None = None) -> AttachPlan:
         """The plan of the file at `path`, attaching it the first time (AttachError if not)."""
         try:
             st = os.stat(path)
@@ -168,21 +173,21 @@ class Binaries:
         if key in self.errors and self.errors[key][0] == version:
             raise AttachError(self.errors[key][1], "unusable_binary")
         try:
-            res = res or resolve(self.catalog, path, display, self.debug_roots)
+            res = res or resolve(self.catalog, path, display, self.debug_roots, self.debuginfod)
         except ElfError as exc:  # unusable as it is (a half-written file may change)
             self.errors[key] = (version, str(exc))
             self.log("binary unusable", level="warning", binary=display, reason=exc)
             raise AttachError(str(exc), "unusable_binary") from None
         if _same_file(display, key):
             path = display  # outlives the process whose /proc/PID/exe led here
-        plan = BinaryPlan(key, path, display, res, plan_probes(self.catalog, res))
+        plan = AttachPlan(key, path, display, res, plan_probes(self.catalog, res))
         self._attach(plan)  # all of the plan's uprobes, or none (then retried next time)
         self.plans[key] = plan
         self.errors.pop(key, None)
         self._log_plan(plan)
         return plan
 
-    def _log_plan(self, plan: BinaryPlan) -> None:
+    def _log_plan(self, plan: AttachPlan) -> None:
         """One line per binary: what attached, what is missing and what that costs."""
         res = plan.resolution
         missing = plan.missing

@@ -12,9 +12,11 @@ from importlib import resources
 
 from . import abi
 
-# Actions whose window closes at function return (uretprobe). Never for functions that
-# may run in a coroutine (qemu_loadvm_state): a uretprobe there can kill QEMU.
-RETURN_ACTIONS = {"reset", "hotplug", "boot_done", "put"}
+# What an argument of a probed function may mean (catalog `arg1`/`arg2`): how the event
+# shows it.  Two are read by the kernel too (RESET_CAUSE_ARG, PUT_LEVEL_ARG in qtrace.h).
+ARG_MEANINGS = ("shutdown_cause", "level", "hex")
+KERNEL_ARGS = {"reset": (abi.RESET_CAUSE_ARG, "shutdown_cause"),
+               "put": (abi.PUT_LEVEL_ARG, "level")}
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Probe:
 
     @property
     def has_return(self) -> bool:
-        return self.action in RETURN_ACTIONS
+        """A uretprobe too: qtrace.h's RETURN_ACTIONS."""
+        return bool(abi.RETURN_ACTIONS & (1 << self.action_id))
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,19 @@ def parse_catalog(text: str) -> Catalog:
             raise ValueError(f"catalog: {raw.get('event')}: unknown key(s) {', '.join(unknown)}")
         if raw["action"] not in abi.ACTIONS:
             raise ValueError(f"catalog: {raw['event']}: unknown action {raw['action']!r}")
-        if raw.get("attach_inlined") and raw["action"] in RETURN_ACTIONS:
+        if raw.get("attach_inlined") and abi.RETURN_ACTIONS & (1 << abi.ACTIONS[raw["action"]]):
             raise ValueError(f"catalog: {raw['event']}: attach_inlined needs an entry-only "
                              "action (inlined code has no return to probe)")
+        for n in (1, 2):
+            meaning = raw.get(f"arg{n}")
+            if meaning is not None and meaning not in ARG_MEANINGS:
+                raise ValueError(f"catalog: {raw['event']}: arg{n} = {meaning!r}: not one of "
+                                 f"{', '.join(ARG_MEANINGS)}")
+        if raw["action"] in KERNEL_ARGS:
+            n, meaning = KERNEL_ARGS[raw["action"]]
+            if raw.get(f"arg{n}") != meaning:
+                raise ValueError(f"catalog: {raw['event']}: action {raw['action']} reads arg{n} "
+                                 f"in the kernel (qtrace.h): it must be arg{n} = {meaning!r}")
         probes.append(
             Probe(
                 slot=slot,

@@ -9,7 +9,7 @@ import sys
 import click
 
 from . import __version__, hooks
-from .elfsym import DEFAULT_DEBUG_ROOTS
+from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
 
 HOOK_CHOICE = click.Choice(["auto", *hooks.MODES])
@@ -218,7 +218,7 @@ def cleanup(config_path: str | None, pin_root: str | None) -> None:
       qprobe cleanup --config /etc/qtrace/qtrace.toml
     """
     from .config import load_config
-    from .program import remove_pins
+    from .pins import remove_pins
 
     root = pin_root or load_config(config_path).bpf_pin_root
     if not root or not os.path.exists(root):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from qtrace_bpf.exporters.webconfig import WebConfig, load_web_config, parse_web_config
 
-from .elfsym import DEFAULT_DEBUG_ROOTS
+from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
 from .hooks import MODES
 
@@ -51,13 +51,14 @@ class Config:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    from qtrace_bpf.exporters.http import parse_listen as parse
-
-    try:
-        return parse(value)
-    except ValueError:
+    """'HOST:PORT', '[V6]:PORT' or ':PORT' (all addresses, v4 and v6) -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or \
+            (":" in host and not bracketed):  # an IPv6 address needs brackets
         raise QtraceError(f"listen address {value!r}: expected HOST:PORT, [IPV6]:PORT or "
-                          f":PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, [::]:{DEFAULT_PORT})") from None
+                          f":PORT (e.g. 127.0.0.1:{DEFAULT_PORT}, [::]:{DEFAULT_PORT})")
+    return (host[1:-1] if bracketed else host) or "::", int(port)
 
 
 def _number(key: str, value: object, *, integer: bool, lo: float, hi: float) -> float | int:

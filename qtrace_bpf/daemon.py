@@ -8,36 +8,22 @@ safety net.  Series of a VM that quit are dropped after a grace period.
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import logging
 import os
-import re
 import time
+from collections.abc import Callable
 
-from . import abi, links
-from .binaries import Binaries
+from . import pins, targets
+from .binaries import QemuBinaries
 from .catalog import load_catalog
 from .config import Config
+from .debuginfod import Debuginfod
 from .errors import AttachError, QtraceError
 from .logfmt import Formatter, logger_fn
-from .program import QtraceProgram, remove_pins
-from .tracker import Tracker
+from .program import QtraceProgram
+from .tracker import TracedVm, Tracker
 
 log = logging.getLogger("qtrace")
-
-
-# Package managers write the new file beside the old one first (qemu-system-x86_64.dpkg-new,
-# qemu-kvm;5f3a9c2e with rpm), then rename it: a glob sees that half-written file.
-_TEMP_NAME = re.compile(r"\.(dpkg-(new|tmp|old|dist|bak)|rpm(new|save|orig))$|;[0-9a-f]{8}$")
-
-
-def _starts_with_elf_magic(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return True  # let the resolver report why it cannot be read
 
 
 class Signals:
@@ -74,88 +60,74 @@ class Daemon:
         self.catalog = load_catalog()
         self.log = logger_fn(log)
         self.prog: QtraceProgram | None = None
-        self.binaries: Binaries | None = None
+        self.binaries: QemuBinaries | None = None
         self.tracker: Tracker | None = None
-        self.on_forget = None  # set by the VM collector: a restarted domain's counts carry on
+        # "VM forgotten" subscribers, handed to the tracker when it is made (the exporter
+        # carries a restarted domain's counts over to the VM that keeps its name)
+        self.forgotten: list[Callable[[TracedVm], None]] = []
         self.stage = "starting"
         self.ready = False
         self._last_scan = 0.0
         self.signals = Signals()
-        self.last_scrape_seconds = 0.0  # set by the VM collector
         self.http = None  # the /metrics server, for its self-metrics
         self.stale_layouts: list[str] = []
 
-    def pin_dir(self) -> str | None:
-        """Where this layout's pins live: <root>/v<ABI>-<max_vms>x<max_vcpus>-<catalog>.
-        Pins of another layout (an older qtrace, other map sizes, another catalog) are never
-        read: removed, and the restart counted as a gap."""
+    def pin_dir(self) -> pins.PinDir | None:
+        """This layout's pins (pins.layout_name); pins of another layout are removed, and
+        the restart counted as a gap."""
         root = self.cfg.bpf_pin_root
         if not root:
             return None
-        if not links.is_bpffs(root):
+        if not pins.is_bpffs(root):
             self.log("pinning off: not a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
                      level="warning", bpf_pin_root=root)
             return None
-        # the catalog's slots key lifecycle counts and name link pins: part of the layout
-        slots = "".join(f"{p.slot}:{p.event}:{p.action};" for p in self.catalog.probes)
-        catalog = hashlib.sha256(slots.encode()).hexdigest()[:8]
-        layout = (f"v{abi.QTRACE_ABI_VERSION}-{self.cfg.max_vms}x{self.cfg.max_vcpus_per_vm}"
-                  f"-{catalog}")
-        if os.path.isdir(root):
-            for stale in sorted(set(os.listdir(root)) - {layout}):
-                remove_pins(os.path.join(root, stale))
-                self.stale_layouts.append(stale)
-                self.log("pins of another layout removed: counts restart", level="warning",
-                         stale=stale, layout=layout)
-        return os.path.join(root, layout)
+        layout = pins.layout_name(self.catalog, self.cfg.max_vms, self.cfg.max_vcpus_per_vm)
+        for stale in pins.remove_other_layouts(root, layout):
+            self.stale_layouts.append(stale)
+            self.log("pins of another layout removed: counts restart", level="warning",
+                     stale=stale, layout=layout)
+        return pins.PinDir(os.path.join(root, layout))
 
     def load(self) -> None:
-        # The resolver reads debuginfod servers the way elfutils does, from the environment;
-        # the config names them for the daemon (and wins over an inherited variable).
-        if self.cfg.debuginfod_urls:
-            os.environ["DEBUGINFOD_URLS"] = " ".join(self.cfg.debuginfod_urls)
-        os.environ["QTRACE_DEBUGINFO_CACHE"] = self.cfg.debuginfo_cache
         self.stage = "loading the BPF program"
         self.prog = QtraceProgram(self.catalog, hook=self.cfg.kernel_hook, log=self.log,
                                   discovery=True, max_vms=self.cfg.max_vms,
-                                  max_vcpus=self.cfg.max_vcpus_per_vm, pin_dir=self.pin_dir())
-        self.binaries = Binaries(self.catalog, self.prog.attach_binary, self.cfg.debug_roots,
-                                 log=self.log)
-        self.tracker = Tracker(self.prog, self.binaries, max_vms=self.cfg.max_vms,
+                                  max_vcpus=self.cfg.max_vcpus_per_vm, pins=self.pin_dir())
+        # the config's servers win over an inherited DEBUGINFOD_URLS
+        debuginfod = Debuginfod.from_env(self.cfg.debuginfod_urls, self.cfg.debuginfo_cache)
+        self.binaries = QemuBinaries(self.catalog, self.prog.attach_binary, self.cfg.debug_roots,
+                                     debuginfod, log=self.log)
+        self.tracker = Tracker(self.prog.maps, self.binaries, max_vms=self.cfg.max_vms,
                                grace=self.cfg.grace_period, log=self.log)
-        self.tracker.on_forget = self.on_forget
+        self.tracker.forgotten = self.forgotten
         if self.stale_layouts:
             self.tracker.gaps[("", "layout_replaced")] += len(self.stale_layouts)
-        if self.prog.replaced:
+        p = self.prog.pins
+        if p and p.replaced:
             self.tracker.gaps[("", "program_replaced")] += 1
-        if self.prog.pin_dir:
-            self.log("pins", dir=self.prog.pin_dir, counters="continued" if self.prog.carried
-                     else "new", links_kept=len(self.prog.kept),
-                     links_replaced=len(self.prog.replaced))
+        if p:
+            self.log("pins", dir=p.path, counters="continued" if p.carried else "new",
+                     links_kept=len(p.kept), links_replaced=len(p.replaced))
 
     def attach_host_binaries(self) -> None:
         """The configured QEMU binaries, before any VM exists: VMs are traced from exec."""
-        for pattern in self.cfg.qemu_binaries:
-            for path in sorted(glob.glob(pattern)):
-                if _TEMP_NAME.search(path) or not (os.path.isfile(path) and
-                                                   os.access(path, os.X_OK)):
-                    continue
-                if not _starts_with_elf_magic(path):
-                    # e.g. Debian's qemu-system-i386 is a shell wrapper (xen redirect)
-                    self.log("binary skipped: not an ELF file (a wrapper script?)",
-                             level="debug", binary=path)
-                    continue
-                try:
-                    self.binaries.get(os.path.realpath(path), path)
-                except AttachError as exc:
-                    self.tracker.attach_errors[exc.reason] = \
-                        self.tracker.attach_errors.get(exc.reason, 0) + 1
-                    self.log("binary not attached", level="warning", binary=path, error=exc)
+        for path, skipped in targets.host_binaries(self.cfg.qemu_binaries):
+            if skipped:
+                self.log(f"binary skipped: {skipped}", level="debug", binary=path)
+                continue
+            try:
+                self.binaries.get(os.path.realpath(path), path)
+            except AttachError as exc:
+                self.tracker.attach_errors[exc.reason] = \
+                    self.tracker.attach_errors.get(exc.reason, 0) + 1
+                self.log("binary not attached", level="warning", binary=path, error=exc)
 
     def start(self) -> None:
         self.stage = "attaching QEMU binaries and scanning /proc"
         self.rescan()
-        pruned = self.prog.prune_links()  # left by a predecessor, claimed by nothing now
+        # left by a predecessor, claimed by nothing now
+        pruned = self.prog.pins.prune() if self.prog.pins else []
         if pruned:
             self.log("pinned probes nothing uses any more removed", links=len(pruned))
         self.stage = "tracing"
@@ -249,6 +221,7 @@ def run_daemon(cfg: Config) -> int:
     daemon.signals = signals
     notify = Notifier(daemon.log)
     exposition = Exposition(daemon)
+    daemon.forgotten.append(exposition.vms.carry)
     server = Server(make_app(exposition.get, daemon.healthy), [cfg.host_port], web=cfg.web,
                     limits=Limits(max_connections=cfg.max_connections), log=daemon.log)
     daemon.http = server  # its connection counters are self-metrics

@@ -18,6 +18,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from .elf import read_build_id
+from .errors import ElfError
+
 DEFAULT_CACHE = "/var/cache/qtrace/debuginfo"
 MAX_BYTES = 4 << 30  # an upper bound on a sane debug file (QEMU's is ~200 MB)
 
@@ -52,9 +55,6 @@ class Debuginfod:
         return None
 
     def _fetch_one(self, base: str, build_id: str, path: str) -> str | None:
-        from .elfsym import read_build_id
-        from .errors import ElfError
-
         url = f"{base}/buildid/{build_id}/debuginfo"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,15 +1,13 @@
 """Numbers from the maps and events -> names, one small function per key field.
 
-ROWS says, for each counter map, which fields its key carries; watch's summary and the
-Prometheus collector both read counters through rows(), so neither decodes keys itself.
-An unknown number keeps a readable placeholder (phase-7, cause-12, KVM_IOCTL_0x...) and is
-counted in DECODE_ERRORS (exported as qtrace_decode_errors_total).
+maps.py says which of them each counter map's key fields take.  An unknown number keeps a
+readable placeholder (phase-7, cause-12, KVM_IOCTL_0x...) and is counted in DECODE_ERRORS
+(exported as qtrace_decode_errors_total).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
 
 from . import abi
 from .catalog import Catalog
@@ -57,22 +55,3 @@ def event_name(slot: int, catalog: Catalog) -> str:
         return catalog.by_slot(slot).event
     DECODE_ERRORS["probe"] += 1
     return f"probe-{slot}"
-
-
-Row = dict[str, object]
-ROWS: dict[str, Callable[[object, Catalog], Row]] = {
-    "write_counts": lambda k, _c: {"vcpu": vcpu(k.vcpu), "ioctl": ioctl(k.cmd),
-                                   "phase": phase(k.phase)},
-    "error_counts": lambda k, _c: {"ioctl": ioctl(k.cmd)},
-    "lifecycle_counts": lambda k, c: {"event": event_name(k.probe, c)},
-    "reset_counts": lambda k, _c: dict(zip(("cause", "following_host"), reset_cause(k.cause),
-                                           strict=True)),
-}
-
-
-def rows(items: Iterable[tuple[object, int]], name: str, catalog: Catalog) \
-        -> Iterator[tuple[int, Row, int]]:
-    """(vm id, decoded key fields, count) for each entry of counter map `name`."""
-    decode = ROWS[name]
-    for key, count in items:
-        yield key.vm, decode(key, catalog), count

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from .vm import VM
+from .demo_qemu import DemoQemu
 
 
 def _say(msg: str) -> None:
@@ -14,7 +14,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(duration: float | None = None, as_json: bool = False) -> int:
-    with VM("qtrace-demo", preconfig=True, smp="1,maxcpus=4") as vm:
+    with DemoQemu("qtrace-demo", preconfig=True, smp="1,maxcpus=4") as vm:
         _say(f"started QEMU pid {vm.pid} in --preconfig (no machine yet): attaching qprobe")
         cmd = [sys.executable, "-m", "qtrace_bpf.cli", "watch", str(vm.pid)]
         if as_json:

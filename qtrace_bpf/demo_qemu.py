@@ -1,4 +1,7 @@
-"""A throwaway QEMU/KVM VM driven over QMP: the demo's subject and the tests' too."""
+"""A throwaway QEMU/KVM VM driven over QMP (DemoQemu): the demo's subject and the tests' too.
+
+Not a traced VM (that is tracker.TracedVm): this one launches QEMU and talks QMP to it.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from .errors import QtraceError
 QEMU = "qemu-system-x86_64"
 
 
-class VM:
+class DemoQemu:
     """qemu-system-x86_64 -accel kvm, q35, QMP on a unix socket in a private temp dir."""
 
     def __init__(self, name: str = "qtrace-demo", *, smp: str = "1,maxcpus=4",
@@ -157,7 +160,7 @@ class VM:
         self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> VM:
+    def __enter__(self) -> DemoQemu:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from . import hooks, program
+from . import hooks, preflight
 from .errors import QtraceError
 
 
@@ -24,10 +24,10 @@ def run_doctor() -> dict:
     def add(name: str, ok: bool, detail: str) -> None:
         checks[name] = {"ok": ok, "detail": detail}
 
-    add("root", *_passes(program.check_privileges, "running as root"))
-    add("bcc", *_passes(program.import_bcc, "python3-bpfcc importable"))
-    build = program.kernel_headers_dir()
-    add("kernel_headers", *_passes(program.check_kernel_headers,
+    add("root", *_passes(preflight.check_privileges, "running as root"))
+    add("bcc", *_passes(preflight.import_bcc, "python3-bpfcc importable"))
+    build = preflight.kernel_headers_dir()
+    add("kernel_headers", *_passes(preflight.check_kernel_headers,
                                    f"{build} -> {os.path.realpath(build)}"))
     add("btf", os.path.exists("/sys/kernel/btf/vmlinux"), "/sys/kernel/btf/vmlinux")
     root = hooks.tracefs_root()

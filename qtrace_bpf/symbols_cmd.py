@@ -10,6 +10,7 @@ import click
 from . import binaries, targets
 from .binaries import clone_losses, plan_probes
 from .catalog import load_catalog
+from .debuginfod import Debuginfod
 from .errors import QtraceError
 
 
@@ -28,7 +29,7 @@ def symbols_report(binary: str | None, pid: int | None,
         except PermissionError:
             raise QtraceError(f"{binary}: permission denied") from None
         path = display = binary
-    res = binaries.resolve(catalog, path, display.removesuffix(" (deleted)"), debug_roots)
+    res = binaries.resolve(catalog, path, display, debug_roots, Debuginfod.from_env())
     events = []
     for att in plan_probes(catalog, res):
         row: dict = {"event": att.probe.event, "resolved": att.ok,

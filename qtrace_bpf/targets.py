@@ -1,4 +1,5 @@
-"""QEMU processes as VMs: identity from /proc, binary through /proc/PID/exe.
+"""Discovery in user space: QEMU processes (read from /proc once, as a Target) and the
+host's QEMU binaries (from the configured globs).
 
 A binary replaced on disk by a package upgrade (deleted inode) or a QEMU in another
 mount namespace is still reached through /proc/PID/exe, which names the mapped inode.
@@ -6,9 +7,11 @@ mount namespace is still reached through /proc/PID/exe, which names the mapped i
 
 from __future__ import annotations
 
+import glob
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from .errors import QtraceError
 
@@ -16,13 +19,20 @@ _VCPU_FD_RE = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
 VM_NAME_MAX = 64
 
 
-@dataclass
+DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
 class Target:
+    """One QEMU process as /proc showed it once: read here, passed on, never re-read."""
+
     pid: int
-    exe: str  # what /proc/PID/exe names (may end with " (deleted)")
+    start_time: int  # /proc/PID/stat starttime: (pid, start_time) is the process
+    exe: str  # the binary as an operator names it (its path, without " (deleted)")
     exe_path: str  # a path that opens the mapped binary: /proc/PID/exe
-    name: str  # vm label: -name guest=NAME, -name NAME, else pid-PID
+    name: str  # vm label: -name guest=NAME, -name NAME, else pid-PID (sanitised)
     uuid: str
+    vcpu_fds: dict[int, int] = field(default_factory=dict)  # fd -> vCPU id, at open time
 
 
 def _unescape_opt(value: str) -> str:
@@ -66,7 +76,7 @@ def read_cmdline(pid: int) -> list[str]:
 
 
 def is_qemu_exe(exe: str) -> bool:
-    base = os.path.basename(exe.removesuffix(" (deleted)"))
+    base = os.path.basename(exe.removesuffix(DELETED))
     return base.startswith("qemu-system") or base.startswith("qemu-kvm")
 
 
@@ -76,6 +86,7 @@ def open_target(pid: int) -> Target:
         raise QtraceError(f"pid {pid}: not a valid process id")
     if not os.path.exists(f"/proc/{pid}"):
         raise QtraceError(f"pid {pid}: no such process")
+    started = start_time(pid)
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
         argv = read_cmdline(pid)
@@ -88,7 +99,8 @@ def open_target(pid: int) -> Target:
     if not is_qemu_exe(exe):
         raise QtraceError(f"pid {pid}: not a QEMU process (exe is {exe})")
     name = parse_name(argv) or f"pid-{pid}"
-    return Target(pid, exe, f"/proc/{pid}/exe", sanitize_label(name), parse_uuid(argv))
+    return Target(pid, started, exe.removesuffix(DELETED), f"/proc/{pid}/exe",
+                  sanitize_label(name), parse_uuid(argv), vcpu_fds(pid))
 
 
 def vcpu_fds(pid: int) -> dict[int, int]:
@@ -142,3 +154,30 @@ def running_qemus() -> dict[int, int]:
         except (OSError, QtraceError):
             continue
     return out
+
+
+# Package managers write the new file beside the old one first (qemu-system-x86_64.dpkg-new,
+# qemu-kvm;5f3a9c2e with rpm), then rename it: a glob sees that half-written file.
+_TEMP_NAME = re.compile(r"\.(dpkg-(new|tmp|old|dist|bak)|rpm(new|save|orig))$|;[0-9a-f]{8}$")
+
+
+def _starts_with_elf_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return True  # let the resolver report why it cannot be read
+
+
+def host_binaries(patterns: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """(path, "") for each executable ELF file the globs match, or (path, why skipped) for
+    a file that is not one (e.g. Debian's qemu-system-i386, a shell wrapper)."""
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            if _TEMP_NAME.search(path) or not (os.path.isfile(path) and
+                                               os.access(path, os.X_OK)):
+                continue
+            if not _starts_with_elf_magic(path):
+                yield path, "not an ELF file (a wrapper script?)"
+                continue
+            yield path, ""

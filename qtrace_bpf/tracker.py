@@ -13,27 +13,30 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import abi, targets
-from .binaries import Binaries, BinaryPlan
+from .binaries import AttachPlan, QemuBinaries
 from .errors import AttachError, QtraceError
+from .targets import Target
+from .vmmaps import TrackerMaps
 
 Log = Callable[..., None]  # log(msg, level="info", **fields)
 
 
 @dataclass
-class Vm:
+class TracedVm:
     vm_id: int  # the key of its map entries
     pid: int
     start_time: int  # /proc/PID/stat starttime: (pid, start_time) is the process
     name: str  # the `vm` label: sanitised; made unique among live VMs once it is one
     uuid: str
     exe: str  # the binary, as an operator names it
-    plan: BinaryPlan
+    plan: AttachPlan
     found_by: str  # "exec" (the kernel saw it start) | "scan" (found running)
     exited_at: float | None = None
     has_vcpus: bool = False  # only a process that creates a vCPU is a VM
+    vcpu_fds: dict[int, int] = field(default_factory=dict)  # fd -> vCPU id when adopted
 
     @property
     def qemu_version(self) -> str:
@@ -45,49 +48,51 @@ class Vm:
 
 
 class Tracker:
-    def __init__(self, prog, binaries: Binaries, *, max_vms: int, grace: float,
-                 log: Log | None = None):
-        self.prog = prog  # a QtraceProgram (or a test double with the same map methods)
+    def __init__(self, maps: TrackerMaps, binaries: QemuBinaries, *, max_vms: int,
+                 grace: float, log: Log | None = None):
+        self.maps = maps  # the program's VmMaps (the unit tests': a fake of the Protocol)
         self.binaries = binaries
         self.max_vms = max_vms
         self.grace = grace
         self.log = log or (lambda _msg, **_kw: None)
         self.lock = threading.RLock()
-        self.vms: dict[int, Vm] = {}
+        self.vms: dict[int, TracedVm] = {}
         self.refused = 0  # VMs not traced: max_vms reached
         # (vm, reason) -> times counting stopped or started late: "found_running" (adopted
         # by a scan: its earlier writes were not counted); the daemon adds restart reasons
         self.gaps: Counter = Counter()
         self.not_vms = 0  # QEMU processes that exited without a vCPU (capability probes)
         self.attach_errors: dict[str, int] = {}  # reason -> count
-        # Called (under the lock) before a VM's map entries are deleted: the collector
-        # carries a restarted domain's counts over to the VM that keeps its name.
-        self.on_forget: Callable[[Vm], None] | None = None
+        # "VM forgotten": each is called (under the lock) before a VM's map entries are
+        # deleted; the exporter subscribes to carry a restarted domain's counts over.
+        self.forgotten: list[Callable[[TracedVm], None]] = []
         self._next_user_id = abi.USER_VM_ID_BASE
 
     # -- adopt ---------------------------------------------------------------------
 
-    def live(self, pid: int) -> Vm | None:
+    def live(self, pid: int) -> TracedVm | None:
         for vm in self.vms.values():
             if vm.pid == pid and vm.exited_at is None:
                 return vm
         return None
 
-    def adopt(self, pid: int, found_by: str, vm_id: int | None = None) -> Vm | None:
+    def adopt(self, pid: int, found_by: str, vm_id: int | None = None,
+              target: Target | None = None) -> TracedVm | None:
         """Start tracking one QEMU process; None (and its kernel entries dropped) if not.
 
         vm_id: the id the kernel gave it at exec.  Without one, the kernel's entry is
         reused when it has one (an event not handled yet, a restart), else the process is
-        tracked from now on, which is a gap in its counts.
+        tracked from now on, which is a gap in its counts.  target: the process as the
+        caller already read it from /proc (read here otherwise).
         """
         with self.lock:
             try:
-                start = targets.start_time(pid)
-                target = targets.open_target(pid)
+                target = target or targets.open_target(pid)
             except QtraceError as exc:
                 self._drop_kernel(pid, vm_id)
                 self.log("not adopted", level="debug", pid=pid, reason=exc)
                 return None
+            start = target.start_time
             old = self.live(pid)
             if old is not None:
                 if old.start_time == start and vm_id in (None, old.vm_id):
@@ -99,7 +104,7 @@ class Tracker:
                 self.log("VM refused: max_vms reached", level="warning", pid=pid,
                          vm=target.name, max_vms=self.max_vms)
                 return None
-            display = target.exe.removesuffix(" (deleted)")
+            display = target.exe
             known = len(self.binaries.plans)
             try:
                 plan = self.binaries.get(target.exe_path, display)
@@ -111,20 +116,22 @@ class Tracker:
                 self.log("not traced", level="debug" if exc.reason == "vanished" else "warning",
                          pid=pid, vm=target.name, reason=exc.reason, error=exc)
                 return None
+            # read again: attaching a binary takes up to seconds, while QEMU creates vCPUs
             fds = targets.vcpu_fds(pid)
-            kernel = self.prog.proc(pid)
+            kernel = self.maps.proc(pid)
             if vm_id is None and kernel is not None:
                 vm_id = kernel.vm
             late = vm_id is None
             if late:
                 vm_id = self._new_user_id()
                 # A QEMU holding vCPU fds has created its machine: boot is over.
-                self.prog.insert_proc(pid, vm_id, boot_done=bool(fds))
-                self.prog.set_vcpu_fds(vm_id, fds)
+                self.maps.insert_proc(pid, vm_id, boot_done=bool(fds))
+                self.maps.set_vcpu_fds(vm_id, fds)
             elif len(self.binaries.plans) > known and fds:
                 # Its binary was attached only now: its boot windows were never seen.
-                self.prog.set_boot_done(pid)
-            vm = Vm(vm_id, pid, start, target.name, target.uuid, display, plan, found_by)
+                self.maps.set_boot_done(pid)
+            vm = TracedVm(vm_id, pid, start, target.name, target.uuid, display, plan, found_by,
+                          vcpu_fds=fds)
             if fds:
                 self._became_vm(vm)
             if late:
@@ -140,7 +147,7 @@ class Tracker:
         self._next_user_id += 1
         return self._next_user_id
 
-    def _became_vm(self, vm: Vm) -> None:
+    def _became_vm(self, vm: TracedVm) -> None:
         """It created a vCPU: from now on it is exported, under a name no live VM has.
         (A -daemonize parent or a capability probe of the same name never takes it.)"""
         live = {v.name for v in self.vms.values()
@@ -151,12 +158,12 @@ class Tracker:
 
     def _drop_kernel(self, pid: int, vm_id: int | None) -> None:
         """Forget what the kernel tracked for a process we do not adopt."""
-        kernel = self.prog.proc(pid)
+        kernel = self.maps.proc(pid)
         if kernel is not None and (vm_id is None or kernel.vm == vm_id):
-            self.prog.delete_proc(pid)
+            self.maps.delete_proc(pid)
             vm_id = kernel.vm
         if vm_id is not None and vm_id not in self.vms:
-            self.prog.delete_vms([vm_id])
+            self.maps.delete_vms([vm_id])
 
     # -- follow --------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class Tracker:
                 if ev.vm in self.vms:
                     self.exited(ev.vm)
                 else:
-                    self.prog.delete_vms([ev.vm])  # a process we never adopted
+                    self.maps.delete_vms([ev.vm])  # a process we never adopted
 
     def exited(self, vm_id: int) -> None:
         with self.lock:
@@ -177,9 +184,9 @@ class Tracker:
             if vm is None or vm.exited_at is not None:
                 return
             vm.exited_at = time.monotonic()
-            kernel = self.prog.proc(vm.pid)
+            kernel = self.maps.proc(vm.pid)
             if kernel is not None and kernel.vm == vm_id:
-                self.prog.delete_proc(vm.pid)
+                self.maps.delete_proc(vm.pid)
             if not self._confirm(vm):
                 self.not_vms += 1
                 self.forget(vm_id)  # never exported: nothing to keep for a grace period
@@ -194,14 +201,15 @@ class Tracker:
         """Delete the VM's entries from every per-VM map (abi.PER_VM_MAPS) and its record."""
         with self.lock:
             vm = self.vms.get(vm_id)
-            if vm is not None and vm.has_vcpus and self.on_forget is not None:
-                self.on_forget(vm)
+            if vm is not None and vm.has_vcpus:
+                for subscriber in self.forgotten:
+                    subscriber(vm)
             self.vms.pop(vm_id, None)
             if vm is not None:
-                kernel = self.prog.proc(vm.pid)
+                kernel = self.maps.proc(vm.pid)
                 if kernel is not None and kernel.vm == vm_id:
-                    self.prog.delete_proc(vm.pid)
-            self.prog.delete_vms([vm_id])
+                    self.maps.delete_proc(vm.pid)
+            self.maps.delete_vms([vm_id])
 
     def expire(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -214,8 +222,8 @@ class Tracker:
     def rescan(self) -> None:
         """Reconcile with /proc: exits we missed, processes we have not seen, stale entries."""
         with self.lock:
-            in_maps = self.prog.vm_ids_in_maps()
-            kernel_before = self.prog.procs()
+            in_maps = self.maps.vm_ids_in_maps()
+            kernel_before = self.maps.procs()
             running = targets.running_qemus()  # pid -> start time
             for vm in list(self.vms.values()):
                 if vm.exited_at is None and running.get(vm.pid) != vm.start_time:
@@ -226,27 +234,27 @@ class Tracker:
                     self.adopt(pid, "scan")
             for pid in kernel_before:
                 if pid not in running:  # gone (its exit event was lost)
-                    kernel = self.prog.proc(pid)
+                    kernel = self.maps.proc(pid)
                     if kernel is not None and kernel.vm == kernel_before[pid]:
-                        self.prog.delete_proc(pid)
-            alive = set(self.prog.procs().values())
+                        self.maps.delete_proc(pid)
+            alive = set(self.maps.procs().values())
             orphans = in_maps - set(self.vms) - alive
             if orphans:
-                n = self.prog.delete_vms(orphans)
+                n = self.maps.delete_vms(orphans)
                 self.log("rescan removed stale map entries", entries=n, vm_ids=len(orphans))
 
-    def _confirm(self, vm: Vm, with_vcpus: set[int] | None = None) -> bool:
+    def _confirm(self, vm: TracedVm, with_vcpus: set[int] | None = None) -> bool:
         if not vm.has_vcpus:
-            ids = self.prog.vm_ids_with_vcpus() if with_vcpus is None else with_vcpus
+            ids = self.maps.vm_ids_with_vcpus() if with_vcpus is None else with_vcpus
             if vm.vm_id in ids:
                 self._became_vm(vm)
         return vm.has_vcpus
 
-    def snapshot(self) -> dict[int, Vm]:
+    def snapshot(self) -> dict[int, TracedVm]:
         """The VMs to export, by id: processes that created a vCPU (live or in grace)."""
         with self.lock:
             pending = [vm for vm in self.vms.values() if not vm.has_vcpus]
-            ids = self.prog.vm_ids_with_vcpus() if pending else set()
+            ids = self.maps.vm_ids_with_vcpus() if pending else set()
             for vm in pending:
                 self._confirm(vm, ids)
             return {i: vm for i, vm in self.vms.items() if vm.has_vcpus}

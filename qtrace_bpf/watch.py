@@ -11,13 +11,15 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from . import binaries, decoders, elfsym, targets
-from .binaries import Binaries
+from . import binaries, maps, targets
+from .binaries import QemuBinaries
 from .catalog import load_catalog
+from .debugfiles import DEFAULT_DEBUG_ROOTS
+from .debuginfod import Debuginfod
 from .events import Decoder, render
 from .logfmt import kv
 from .program import QtraceProgram
-from .tracker import Tracker, Vm
+from .tracker import TracedVm, Tracker
 
 
 def log_stderr(msg: str, **fields: object) -> None:
@@ -25,23 +27,18 @@ def log_stderr(msg: str, **fields: object) -> None:
     print(f"qprobe: {msg}{kv(**fields)}", file=sys.stderr, flush=True)
 
 
-def summary(prog: QtraceProgram, vm: Vm, started: float, stopped_by: str, seen: int) -> dict:
+def summary(prog: QtraceProgram, vm: TracedVm, started: float, stopped_by: str, seen: int) -> dict:
     """Per-vCPU/per-phase counts read from the BPF maps (not from the event stream)."""
-    out: dict[str, dict] = {"write_counts": {}, "error_counts": {}, "lifecycle_counts": {},
-                            "reset_counts": {}}
-    writes, errors, lifecycle, resets, following = [], {}, {}, {}, {}
-    for name in out:
-        for vm_id, row, n in decoders.rows(prog.items(name), name, prog.catalog):
-            if vm_id != vm.vm_id:
-                continue
-            if name == "write_counts":
-                writes.append({**row, "count": n})
-            elif name == "error_counts":
-                errors[row["ioctl"]] = n
-            elif name == "lifecycle_counts":
-                lifecycle[row["event"]] = n
-            else:
-                (following if row["following_host"] else resets)[row["cause"]] = n
+    def rows(spec: maps.CounterMap):
+        items = prog.maps.items(spec.name)
+        return [(row, n) for vm_id, row, n in spec.rows(items, prog.catalog) if vm_id == vm.vm_id]
+
+    writes = [{**row, "count": n} for row, n in rows(maps.WRITES)]
+    errors = {row["ioctl"]: n for row, n in rows(maps.ERRORS)}
+    lifecycle = {row["event"]: n for row, n in rows(maps.LIFECYCLE)}
+    resets, following = {}, {}
+    for row, n in rows(maps.RESETS):
+        (following if row["following_host"] else resets)[row["cause"]] = n
     writes.sort(key=lambda r: (r["vcpu"] if r["vcpu"] is not None else -1, r["phase"], r["ioctl"]))
     return {
         "kind": "summary",
@@ -56,7 +53,7 @@ def summary(prog: QtraceProgram, vm: Vm, started: float, stopped_by: str, seen: 
         "resets": resets,
         "resets_following_host": following,
         "events": seen,
-        "events_lost": sum(prog.events_lost().values()),
+        "events_lost": sum(prog.maps.events_lost().values()),
         "probes_attached": {a.probe.event: a.function for a in vm.plan.attached if a.ok},
         "probes_missing": {a.probe.event: a.reason for a in vm.plan.missing},
     }
@@ -81,15 +78,15 @@ def render_summary(s: dict) -> str:
 
 
 def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | None = None,
-              debug_roots: tuple[str, ...] = elfsym.DEFAULT_DEBUG_ROOTS,
+              debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS,
               out: Callable[[str], None] | None = None) -> int:
     started = time.monotonic()
     emit = out or (lambda line: print(line, flush=True))
     catalog = load_catalog()
     # Bad pids and unusable binaries are reported before anything is compiled.
     target = targets.open_target(pid)
-    res = binaries.resolve(catalog, target.exe_path, target.exe.removesuffix(" (deleted)"),
-                           debug_roots)
+    debuginfod = Debuginfod.from_env()
+    res = binaries.resolve(catalog, target.exe_path, target.exe, debug_roots, debuginfod)
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -109,10 +106,10 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
     prog = None
     try:
         prog = QtraceProgram(catalog, hook=hook, log=log_stderr, write_events=True)
-        bins = Binaries(catalog, prog.attach_binary, debug_roots)
-        bins.get(target.exe_path, target.exe.removesuffix(" (deleted)"), res)
-        tracker = Tracker(prog, bins, max_vms=1, grace=0)
-        vm = tracker.adopt(pid, "scan")
+        bins = QemuBinaries(catalog, prog.attach_binary, debug_roots, debuginfod)
+        bins.get(target.exe_path, target.exe, res)
+        tracker = Tracker(prog.maps, bins, max_vms=1, grace=0)
+        vm = tracker.adopt(pid, "scan", target=target)
         if vm is None:
             log_stderr(f"pid {pid}: exited before tracing started")
             return 1
@@ -124,7 +121,7 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
             for note in a.notes:
                 log_stderr(f"probe {a.probe.event}: {note}")
         n_ok = len(vm.plan.attached) - len(vm.plan.missing)
-        fds = targets.vcpu_fds(pid)
+        fds = vm.vcpu_fds
         log_stderr(f"attached to vm {vm.name} (pid {pid}, QEMU {vm.qemu_version or '?'}): "
                    f"{n_ok}/{len(vm.plan.attached)} probes, {prog.uprobe_count} uprobes, "
                    f"kernel hook {prog.hook_mode}, {len(fds)} vCPUs known, "

@@ -42,19 +42,19 @@ edit probes/qtrace.h $'    u32 changed;   // V_* bits: it differed\n    u32 pad;
 run event_field PASSED tests/test_abi.py tests/test_decoders.py tests/test_watch_qemu.py
 edit qtrace_bpf/program.py $'        while self._undo:\n            self._undo.pop()()\n' $'        self._undo.clear()\n'
 run no_detach FAILED tests/test_tracker.py tests/test_elfsym.py -k "forget_removes or inlined_instances"
-edit qtrace_bpf/abi.py 'PER_VM_MAPS = ("vcpu_fds", ' 'PER_VM_MAPS = ('
+edit qtrace_bpf/maps.py 'PER_VM: tuple[str, ...] = (VCPU_FDS, ' 'PER_VM: tuple[str, ...] = ('
 run per_vm_map FAILED tests/test_abi.py
 edit qtrace_bpf/tracker.py '            return {i: vm for i, vm in self.vms.items() if vm.has_vcpus}' '            return dict(self.vms)'
 run non_vm FAILED tests/test_host.py -k "short_lived"
-edit qtrace_bpf/binaries.py '        key, version = (st.st_dev, st.st_ino),' '        key, version = (0, hash(elfsym.read_build_id(path))),'
+edit qtrace_bpf/binaries.py '        key, version = (st.st_dev, st.st_ino),' '        key, version = (0, hash(elfsym.elfio.read_build_id(path))),'
 run file_key FAILED tests/test_host.py -k "copy_of_the_binary or reinstall"
-edit qtrace_bpf/tracker.py '                self.on_forget(vm)' '                pass'
+edit qtrace_bpf/tracker.py '                    subscriber(vm)' '                    pass'
 run carried FAILED tests/test_host.py -k "restarted_domain"
-edit qtrace_bpf/program.py '        if self.pin_dir and not keep_pins:' '        if self.pin_dir:'
+edit qtrace_bpf/program.py '        if self.pins and not keep_pins:' '        if self.pins:'
 run keep_pins FAILED tests/test_restart.py -k "survive"
-edit qtrace_bpf/program.py 'links.link_prog_tag(old) == links.prog_tag(fn.fd)' 'True'
+edit qtrace_bpf/pins.py 'bpfsys.link_prog_tag(old) == bpfsys.prog_tag(prog_fd)' 'True'
 run tag_check FAILED tests/test_restart.py -k "changed_program"
-edit qtrace_bpf/links.py '    attr.config = 1 if retprobe else 0' '    attr.config = (1 if retprobe else 0) | (0x1234 << 32)'
+edit qtrace_bpf/perf_events.py '    attr.config = 1 if retprobe else 0' '    attr.config = (1 if retprobe else 0) | (0x1234 << 32)'
 run ref_ctr_offset FAILED tests/test_coexist.py
 edit probes/catalog.toml '"migration_incoming_state_destroy"]' '"migration_incoming_state_destroy_gone"]'
 run migration_end FAILED tests/test_watch_qemu.py -k "failed_incoming and upstream"

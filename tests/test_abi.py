@@ -12,9 +12,20 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from qtrace_bpf import abi, kvm_ioctls
+from qtrace_bpf import abi, maps
 
 HEADER = ROOT / "probes" / "qtrace.h"
+
+
+def generate_numbers(gcc: str) -> str:
+    """scripts/gen_kvm_ioctls.py's output (a script: only it and this test need it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_kvm_ioctls",
+                                                  ROOT / "scripts" / "gen_kvm_ioctls.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generate_numbers(gcc)
 PRELUDE = ("#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
            "typedef uint32_t u32; typedef int32_t s32; typedef uint64_t u64; "
            "typedef int64_t s64;\n")
@@ -58,7 +69,7 @@ def test_header_parser_refuses_implicit_enum_values():
 def test_kvm_ioctl_numbers_are_generated_from_kvm_h(gcc):
     """A hand-edited number (or a stale file) differs from what the compiler says."""
     committed = (ROOT / "qtrace_bpf" / "kvm_ioctl_numbers.py").read_text()
-    assert kvm_ioctls.generate_numbers(gcc) == committed, \
+    assert generate_numbers(gcc) == committed, \
         "qtrace_bpf/kvm_ioctl_numbers.py is not what <linux/kvm.h> says: run " \
         "scripts/gen_kvm_ioctls.py"
 
@@ -73,6 +84,19 @@ def program():
 
     with QtraceProgram(load_catalog(), discovery=True, write_events=True) as prog:
         yield prog
+
+
+def table_names(program) -> list[str]:
+    """Every map the compiled program has (not only those opened so far), from libbcc."""
+    import ctypes as ct
+
+    lib = ct.CDLL("libbcc.so.0")
+    lib.bpf_num_tables.restype = ct.c_size_t
+    lib.bpf_num_tables.argtypes = [ct.c_void_p]
+    lib.bpf_table_name.restype = ct.c_char_p
+    lib.bpf_table_name.argtypes = [ct.c_void_p, ct.c_size_t]
+    module = program.bpf.module
+    return [lib.bpf_table_name(module, i).decode() for i in range(lib.bpf_num_tables(module))]
 
 
 def test_rawevent_offsets_match_qtrace_h(program, gcc, tmp_path):
@@ -93,17 +117,25 @@ def test_rawevent_offsets_match_qtrace_h(program, gcc, tmp_path):
 
 
 def test_every_map_keyed_by_vm_is_forgettable(program):
-    """A map whose key starts with the VM id must be in PER_VM_MAPS (forget() deletes from
+    """A map whose key starts with the VM id must be in maps.PER_VM (forget() deletes from
     those), and nothing else may be there."""
     keyed_by_vm = set()
-    for name in program.table_names():
-        key = program.key_type(name)
+    for name in table_names(program):
+        key = program.bpf[name].Key
         fields = [f[0] for f in getattr(key, "_fields_", [])]
         if fields[:1] == ["vm"]:
             keyed_by_vm.add(name)
-    assert keyed_by_vm == set(abi.PER_VM_MAPS)
+    assert keyed_by_vm == set(maps.PER_VM)
 
 
 def test_update_failures_cover_every_map_the_program_inserts_into(program):
-    assert set(program.update_failures()) == set(abi.MAPS)
-    assert set(abi.MAPS) <= set(program.table_names())
+    """Every map the BPF C inserts into has an M_* id (so a full map is counted), and
+    every M_* id names a map of the compiled program."""
+    import re
+
+    source = (ROOT / "probes" / "qtrace.bpf.c").read_text()
+    inserted = set(re.findall(r"\b(\w+)\.(?:update|insert|lookup_or_try_init)\(", source))
+    assert len(inserted) >= 8
+    assert inserted == set(abi.MAPS)
+    assert set(abi.MAPS) <= set(table_names(program))
+    assert all(n >= 0 for n in program.maps.update_failures().values())

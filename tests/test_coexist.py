@@ -13,7 +13,7 @@ import pytest
 from conftest import require
 from test_host import HostDaemon, _resets, daemon  # noqa: F401 - the fixture
 
-from qtrace_bpf.vm import VM
+from qtrace_bpf.demo_qemu import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -24,7 +24,7 @@ def test_bpftrace_perf_and_gdb_beside_the_daemon(daemon):  # noqa: F811 - fixtur
         require(tool, shutil.which(tool) is not None,
                 "apt-get install bpftrace linux-perf gdb (scripts/setup.sh)")
     d = daemon()
-    with VM("neighbours") as vm:
+    with DemoQemu("neighbours") as vm:
         vm.cmd("cont")
         out: dict[str, str] = {}
 

@@ -34,7 +34,7 @@ from conftest import (
 )
 from strace_count import count_state_writes, strace_argv
 
-from qtrace_bpf.vm import VM
+from qtrace_bpf.demo_qemu import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 RULES = ROOT / "exporters" / "prometheus" / "qtrace-alerts.yml"
@@ -100,7 +100,7 @@ class Prometheus:
             self.proc.kill()
 
 
-def qmp_resets(vm: VM) -> Counter:
+def qmp_resets(vm: DemoQemu) -> Counter:
     return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
 
 
@@ -122,14 +122,14 @@ def fleet(tmp_path_factory):
     already = len(running_qemus())  # other QEMUs on this host: found by scan, late
     daemon = Daemon(tmp, binaries=(str(up10),))
     prom = Prometheus(tmp, daemon.port)
-    vms: dict[str, VM] = {}
+    vms: dict[str, DemoQemu] = {}
     try:
-        vms["loop-vm"] = VM("loop-vm", paused=False, extra=["-boot", "reboot-timeout=500"],
+        vms["loop-vm"] = DemoQemu("loop-vm", paused=False, extra=["-boot", "reboot-timeout=500"],
                             wrapper=strace_wrapper(tmp / "loop.strace"))
-        vms["ops-vm"] = VM("ops-vm", wrapper=strace_wrapper(tmp / "ops.strace"))
-        vms["quit-vm"] = VM("quit-vm", wrapper=strace_wrapper(tmp / "quit.strace"))
-        vms["hostile"] = VM(HOSTILE)  # argv keeps ',,': QEMU's escaped comma
-        vms["up10-vm"] = VM("up10-vm", qemu=up10, wrapper=strace_wrapper(tmp / "up10.strace"))
+        vms["ops-vm"] = DemoQemu("ops-vm", wrapper=strace_wrapper(tmp / "ops.strace"))
+        vms["quit-vm"] = DemoQemu("quit-vm", wrapper=strace_wrapper(tmp / "quit.strace"))
+        vms["hostile"] = DemoQemu(HOSTILE)  # argv keeps ',,': QEMU's escaped comma
+        vms["up10-vm"] = DemoQemu("up10-vm", qemu=up10, wrapper=strace_wrapper(tmp / "up10.strace"))
         ops, up = vms["ops-vm"], vms["up10-vm"]
         ops.cmd("cont")
         up.cmd("cont")
@@ -432,7 +432,7 @@ def test_max_vms_cap(tmp_path):
         for line in proc.stderr:
             if "msg=tracing" in line:
                 break
-        with VM("cap-one") as one, VM("cap-two") as two:
+        with DemoQemu("cap-one") as one, DemoQemu("cap-two") as two:
             one.cmd("cont")
             two.cmd("cont")
             deadline = time.monotonic() + 20

@@ -19,7 +19,7 @@ from elf_fixtures import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qtrace_bpf import elfsym
+from qtrace_bpf import elfsym, maps
 from qtrace_bpf.errors import ElfError
 
 COUNTER_BPF = b"""
@@ -82,7 +82,7 @@ def run_tracked(prog, path: Path, vm_id: int) -> int:
     proc = subprocess.Popen([str(path), "6", "wait"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
     try:
-        prog.insert_proc(proc.pid, vm_id, boot_done=True)
+        prog.maps.insert_proc(proc.pid, vm_id, boot_done=True)
         release(proc)
     finally:
         proc.kill()
@@ -406,7 +406,7 @@ def test_fuzz_malformed_elf(fixtures, tmp_path, data):
 def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures, nothing_left):
     """attach_inlined: a function with no out-of-line copy is still counted, via DWARF."""
 
-    from qtrace_bpf.binaries import Binaries
+    from qtrace_bpf.binaries import QemuBinaries
     from qtrace_bpf.catalog import parse_catalog
     from qtrace_bpf.program import QtraceProgram
 
@@ -420,12 +420,12 @@ def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures, nothing_left):
         parse_catalog('[[probe]]\nevent = "x"\nfunctions = ["f"]\naction = "put"\n'
                       "attach_inlined = true\n")
     with QtraceProgram(catalog) as prog:
-        plan = Binaries(catalog, prog.attach_binary).get(str(fx.path), str(fx.path), res)
+        plan = QemuBinaries(catalog, prog.attach_binary).get(str(fx.path), str(fx.path), res)
         step, plain = plan.attached
         assert step.ok and step.symbol is None and step.inlined_offsets
         assert not plain.ok  # without attach_inlined: reported missing, as before
         vm_id = run_tracked(prog, fx.path, 0x80000001)
-        counts = {k.probe: v for k, v in prog.items("lifecycle_counts") if k.vm == vm_id}
+        counts = {k.probe: v for k, v in prog.maps.items(maps.LIFECYCLE.name) if k.vm == vm_id}
         assert counts == {0: 6}
 
 
@@ -434,7 +434,7 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
     cloned_step's arguments.  A reset probed there counts under cause `unknown`, never
     under whatever rdi held; a plain function's argument is still read."""
     from qtrace_bpf import abi
-    from qtrace_bpf.binaries import Binaries
+    from qtrace_bpf.binaries import QemuBinaries
     from qtrace_bpf.catalog import parse_catalog
     from qtrace_bpf.program import QtraceProgram
 
@@ -447,7 +447,7 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
     res = elfsym.resolve(str(fx.path), catalog.functions)
     logged: list[dict] = []
     with QtraceProgram(catalog) as prog:
-        plan = Binaries(catalog, prog.attach_binary,
+        plan = QemuBinaries(catalog, prog.attach_binary,
                         log=lambda msg, **kw: logged.append({"msg": msg, **kw})).get(
             str(fx.path), str(fx.path), res)
         clone, plain = plan.attached
@@ -457,7 +457,7 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
         assert any("not read" in n for n in clone.notes)
         assert sorted(k for _, _, k in plan.uprobes()) == ["blind", "entry", "return", "return"]
         vm_id = run_tracked(prog, fx.path, 0x80000002)
-        resets = {k.cause: v for k, v in prog.items("reset_counts") if k.vm == vm_id}
+        resets = {k.cause: v for k, v in prog.maps.items(maps.RESETS.name) if k.vm == vm_id}
     [line] = [x for x in logged if x["msg"] == "binary attached"]
     assert f"clone (GCC clone {clone.symbol.name}): the reset cause" in line["lost"]
     # lifecycle_step(i), from main and from exported_step, for i in 0..5: causes 0..5 read

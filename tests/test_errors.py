@@ -12,7 +12,7 @@ import tempfile
 import pytest
 from conftest import QPROBE, ROOT, require
 
-from qtrace_bpf.vm import VM
+from qtrace_bpf.demo_qemu import DemoQemu
 
 
 def qprobe(*args: str, prefix: list[str] | None = None, timeout: float = 120,
@@ -35,7 +35,7 @@ def paused_vm():
     from conftest import check_kvm
 
     check_kvm()
-    with VM("errors-target") as vm:
+    with DemoQemu("errors-target") as vm:
         yield vm
 
 

@@ -11,7 +11,7 @@ from conftest import QPROBE, ROOT, require
 
 from qtrace_bpf import hooks
 from qtrace_bpf.catalog import bpf_source
-from qtrace_bpf.program import cflags
+from qtrace_bpf.loading import cflags
 
 
 @pytest.mark.parametrize("mode", hooks.MODES)
@@ -90,4 +90,17 @@ def test_hook_choice_does_not_need_kallsyms(bpf_caps):
     with_kallsyms, without = _doctor(), _doctor(hidden)
     assert without["kernel_hook"] == with_kallsyms["kernel_hook"]
     assert without["kernel_hooks"] == with_kallsyms["kernel_hooks"]
-    assert hooks.precheck("fentry").usable, "BTF names the KVM functions on this kernel"
+
+
+def test_btf_names_come_from_its_string_section(tmp_path, monkeypatch):
+    """A BTF blob (header, then strings): a name counts only as a whole string."""
+    import struct
+
+    strings = b"\0kvm_vcpu_ioctl\0kvm_vm_ioctl_check_extension\0"
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 0, 0, len(strings))
+    (tmp_path / "vmlinux").write_bytes(header + strings)
+    (tmp_path / "kvm").write_bytes(b"\x00" * 8)  # not BTF: ignored, not an error
+    monkeypatch.setattr(hooks, "BTF_DIR", str(tmp_path))
+    assert hooks.btf_functions(hooks.KVM_FUNCS) == {"kvm_vcpu_ioctl"}
+    reason = hooks.precheck("fentry").reason
+    assert not hooks.precheck("fentry").usable and "kvm_vm_ioctl" in reason, reason

@@ -27,7 +27,7 @@ from conftest import (
 )
 from strace_count import count_state_writes, strace_argv
 
-from qtrace_bpf.vm import VM
+from qtrace_bpf.demo_qemu import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -63,7 +63,7 @@ def _resets(m: dict, vm: str) -> dict[str, int]:
     return {lab["cause"]: int(v) for lab, v in samples(m, "qtrace_vm_resets_total", vm=vm) if v}
 
 
-def qmp_resets(vm: VM) -> Counter:
+def qmp_resets(vm: DemoQemu) -> Counter:
     return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
 
 
@@ -134,7 +134,7 @@ def test_a_copy_of_the_binary_is_a_new_file_to_attach(daemon, tmp_path):
     finally:
         first.terminate()
         first.wait(10)
-    with VM("copy-vm", qemu=str(copy)) as vm:
+    with DemoQemu("copy-vm", qemu=str(copy)) as vm:
         vm.cmd("cont")
         time.sleep(0.3)
         vm.cmd("system_reset")
@@ -178,13 +178,13 @@ def test_daemonized_qemu_gets_its_name_and_its_parent_no_series(daemon, tmp_path
 
 def test_restarted_domain_keeps_its_name_and_its_counters(daemon):
     d = daemon(grace_period=3)
-    with VM("web") as first:
+    with DemoQemu("web") as first:
         first.cmd("cont")
         time.sleep(0.3)
         first.cmd("system_reset")
         time.sleep(0.5)
         first.quit()
-    with VM("web") as second:
+    with DemoQemu("web") as second:
         second.cmd("cont")
         time.sleep(0.3)
         second.cmd("system_reset")
@@ -203,7 +203,7 @@ def test_a_full_map_is_counted_never_silent(daemon):
 
     # vcpu_fds holds one vCPU per VM slot; other QEMUs on this host take slots first
     d = daemon(max_vms=len(running_qemus()) + 1, max_vcpus_per_vm=1)
-    with VM("two-vcpus", smp="2") as vm:
+    with DemoQemu("two-vcpus", smp="2") as vm:
         vm.cmd("cont")
         m = d.wait_for(lambda m: {lab["map"]: v for lab, v in
                                   samples(m, "qtrace_map_updates_failed_total") if v})
@@ -249,7 +249,7 @@ def test_signals_during_start_up_do_not_cost_the_hook(daemon, tmp_path):
 def test_log_lines_cannot_be_forged_and_carry_journal_priorities(daemon):
     name = 'evil name="x"\nlevel=error msg=forged'
     d = daemon(env={"JOURNAL_STREAM": "8:1234"})
-    with VM(name):
+    with DemoQemu(name):
         d.wait_for(lambda m: _vm_names(m))
     d.stop()
     lines = d.log
@@ -265,7 +265,7 @@ def test_package_reinstall_under_a_running_vm(daemon):
     """apt-get install --reinstall: the running VM's binary is deleted (still traced), a new
     VM runs from the new inode (attached on its own); resets equal QMP's, writes strace's."""
     d = daemon()
-    old = VM("before-upgrade")
+    old = DemoQemu("before-upgrade")
     try:
         old.cmd("cont")
         r = subprocess.run(["apt-get", "install", "--reinstall", "-y", "-qq",
@@ -277,7 +277,7 @@ def test_package_reinstall_under_a_running_vm(daemon):
         old.cmd("system_reset")
         time.sleep(1.0)
         trace = Path(old.dir).with_name(Path(old.dir).name + ".strace")
-        with VM("after-upgrade", wrapper=strace_argv(str(trace))) as new:
+        with DemoQemu("after-upgrade", wrapper=strace_argv(str(trace))) as new:
             new.cmd("cont")
             time.sleep(0.3)
             new.cmd("system_reset")

@@ -24,7 +24,7 @@ from conftest import (
 from strace_count import count_state_writes, strace_argv
 from test_host import HostDaemon, qmp_resets
 
-from qtrace_bpf.vm import VM
+from qtrace_bpf.demo_qemu import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 
@@ -80,7 +80,7 @@ def test_pinned_counters_survive_daemon_restart(tmp_path):
     trace = tmp_path / "vm.strace"
     try:
         first = d.start()
-        with VM("survivor", wrapper=strace_argv(str(trace))) as vm:
+        with DemoQemu("survivor", wrapper=strace_argv(str(trace))) as vm:
             vm.cmd("cont")
             time.sleep(0.3)
             vm.cmd("system_reset")
@@ -144,20 +144,22 @@ def test_a_changed_program_replaces_the_old_attachment(tmp_path):
     """A pinned link holding another program (an older qtrace) is replaced, not read."""
     from bcc import BPF
 
-    from qtrace_bpf import links
+    from qtrace_bpf import bpfsys, perf_events, pins
+    from qtrace_bpf.catalog import load_catalog
     from qtrace_bpf.config import load_config
-    from qtrace_bpf.daemon import Daemon
 
     d = Restartable(tmp_path)
-    layout = Path(Daemon(load_config(str(d.config))).pin_dir()) / "links"  # what it will use
+    cfg = load_config(str(d.config))
+    layout = Path(cfg.bpf_pin_root, pins.layout_name(load_catalog(), cfg.max_vms,
+                                                     cfg.max_vcpus_per_vm)) / "links"
     layout.mkdir(parents=True)
     other = BPF(text=b"int tp_other(void *ctx) { return 0; }")
     fn = other.load_func(b"tp_other", BPF.TRACEPOINT)
-    perf = links.tracepoint_event("syscalls", "sys_enter_ioctl")
-    link = links.link(fn.fd, perf)
-    old_tag = links.prog_tag(fn.fd)
+    perf = perf_events.tracepoint_event("syscalls", "sys_enter_ioctl")
+    link = bpfsys.link(fn.fd, perf)
+    old_tag = bpfsys.prog_tag(fn.fd)
     os.close(perf)
-    links.pin(link, str(layout / "tp-sys_enter_ioctl"))
+    bpfsys.pin(link, str(layout / "tp-sys_enter_ioctl"))
     os.close(link)
     other.cleanup()
     try:
@@ -167,10 +169,10 @@ def test_a_changed_program_replaces_the_old_attachment(tmp_path):
         gaps = {lab["reason"]: v for lab, v in samples(daemon.metrics(),
                                                           "qtrace_counting_gaps_total")}
         assert gaps.get("program_replaced") == 1
-        pinned = links.get_pinned(str(layout / "tp-sys_enter_ioctl"))
+        pinned = bpfsys.get_pinned(str(layout / "tp-sys_enter_ioctl"))
         assert pinned is not None
         try:
-            assert links.link_prog_tag(pinned) not in ("", old_tag), "still the old program"
+            assert bpfsys.link_prog_tag(pinned) not in ("", old_tag), "still the old program"
         finally:
             os.close(pinned)
         assert daemon.stop() == 0

@@ -1,7 +1,7 @@
 """Tracker: adopt, follow and forget QEMU processes; own their map entries.
 
-Most tests run a real process named qemu-system-x86_64 (a copy of dash) against an
-in-memory program; the last one uses the real BPF program's maps.
+Most tests run a real process named qemu-system-x86_64 (a copy of dash) against in-memory
+maps (FakeMaps, a TrackerMaps); the last one uses the real BPF program's maps.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from qtrace_bpf import abi, targets
+from qtrace_bpf import abi, maps, targets
 from qtrace_bpf.tracker import Tracker
+from qtrace_bpf.vmmaps import TrackerMaps, VmMaps
 
 
-class FakeProgram:
-    """The map operations Tracker uses, on dicts (vm id -> entries of every per-VM map)."""
+class FakeMaps:
+    """TrackerMaps on dicts (vm id -> entries of every per-VM map)."""
 
     def __init__(self) -> None:
         self.kernel: dict[int, SimpleNamespace] = {}  # procs: pid -> proc_state
@@ -61,6 +62,22 @@ class FakeProgram:
         return set(self.entries)
 
 
+@pytest.mark.parametrize("impl", [FakeMaps, VmMaps])
+def test_map_doubles_implement_the_tracker_protocol(impl):
+    """The fake and the real maps offer every TrackerMaps method with its signature: a
+    method the Tracker starts to use (or a changed one) cannot pass on the fake alone."""
+    import inspect
+
+    wanted = {n: inspect.signature(f) for n, f in vars(TrackerMaps).items()
+              if not n.startswith("_") and callable(f)}
+    assert len(wanted) >= 9
+    for name, sig in wanted.items():
+        got = inspect.signature(getattr(impl, name))
+        assert list(got.parameters) == list(sig.parameters), (impl.__name__, name)
+        assert [p.kind for p in got.parameters.values()] == \
+            [p.kind for p in sig.parameters.values()], (impl.__name__, name)
+
+
 class FakeBinaries:
     def __init__(self) -> None:
         self.plans: dict = {}
@@ -98,7 +115,7 @@ def qemu(tmp_path, monkeypatch):
 
 
 def tracker(prog=None, **kw) -> Tracker:
-    return Tracker(prog or FakeProgram(), FakeBinaries(), max_vms=kw.pop("max_vms", 8),
+    return Tracker(prog or FakeMaps(), FakeBinaries(), max_vms=kw.pop("max_vms", 8),
                    grace=kw.pop("grace", 0), **kw)
 
 
@@ -107,33 +124,33 @@ def test_scan_adopts_with_a_user_id_and_counts_a_gap(qemu):
     t = tracker()
     vm = t.adopt(p.pid, "scan")
     assert vm is not None and vm.name == "web1" and vm.vm_id > abi.USER_VM_ID_BASE
-    assert t.prog.kernel[p.pid].vm == vm.vm_id and sum(t.gaps.values()) == 1
+    assert t.maps.kernel[p.pid].vm == vm.vm_id and sum(t.gaps.values()) == 1
 
 
 def test_rescan_never_overwrites_kernel_window_state(qemu):
     """A process the kernel tracks since its exec keeps its id and its windows."""
     p = qemu()
     t = tracker()
-    t.prog.kernel[p.pid] = SimpleNamespace(vm=77, boot_done=0, windows=abi.W_RESET)
+    t.maps.kernel[p.pid] = SimpleNamespace(vm=77, boot_done=0, windows=abi.W_RESET)
     t.rescan()
     vm = t.live(p.pid)
     assert vm is not None and vm.vm_id == 77 and not t.gaps
-    assert t.prog.kernel[p.pid].windows == abi.W_RESET and t.prog.inserts == 0
+    assert t.maps.kernel[p.pid].windows == abi.W_RESET and t.maps.inserts == 0
     t.rescan()  # already tracked: nothing written
-    assert t.prog.inserts == 0 and t.live(p.pid) is vm
+    assert t.maps.inserts == 0 and t.live(p.pid) is vm
 
 
 def test_exec_of_a_tracked_pid_starts_a_new_vm(qemu):
     p = qemu()
     t = tracker()
     first = t.adopt(p.pid, "exec", 10)
-    t.prog.entries[10] = 5
-    t.prog.vcpus.add(10)
+    t.maps.entries[10] = 5
+    t.maps.vcpus.add(10)
     second = t.follow(SimpleNamespace(kind=abi.K_EXEC, tgid=p.pid, vm=11)) or t.live(p.pid)
     assert second.vm_id == 11 and first.exited_at is not None
     assert t.vms[10] is first  # kept for the grace period, then forgotten
     t.expire()
-    assert 10 not in t.vms and 10 not in t.prog.entries
+    assert 10 not in t.vms and 10 not in t.maps.entries
 
 
 def test_reused_pid_is_not_its_predecessor(qemu, monkeypatch):
@@ -152,41 +169,41 @@ def test_exit_event_and_missed_exit(qemu):
     a, b = qemu("a"), qemu("b")
     t = tracker(grace=3600)
     va, vb = t.adopt(a.pid, "exec", 1), t.adopt(b.pid, "exec", 2)
-    t.prog.vcpus |= {1, 2}
-    t.prog.kernel[a.pid] = SimpleNamespace(vm=1)
-    t.prog.kernel[b.pid] = SimpleNamespace(vm=2)
+    t.maps.vcpus |= {1, 2}
+    t.maps.kernel[a.pid] = SimpleNamespace(vm=1)
+    t.maps.kernel[b.pid] = SimpleNamespace(vm=2)
     t.follow(SimpleNamespace(kind=abi.K_EXIT, tgid=a.pid, vm=1))
     assert va.exited_at is not None
     b.kill()
     b.wait()
     t.rescan()  # its exit event was lost: /proc says it is gone
-    assert vb.exited_at is not None and b.pid not in t.prog.kernel
+    assert vb.exited_at is not None and b.pid not in t.maps.kernel
 
 
 def test_rescan_drops_entries_nobody_owns(qemu, monkeypatch):
     t = tracker()
-    t.prog.entries[999] = 4  # counted by a process whose exit we never saw
-    t.prog.kernel[2 ** 22 + 1] = SimpleNamespace(vm=998)  # a pid that does not exist
-    t.prog.entries[998] = 2
+    t.maps.entries[999] = 4  # counted by a process whose exit we never saw
+    t.maps.kernel[2 ** 22 + 1] = SimpleNamespace(vm=998)  # a pid that does not exist
+    t.maps.entries[998] = 2
     t.rescan()
-    assert t.prog.entries == {} and t.prog.kernel == {}
+    assert t.maps.entries == {} and t.maps.kernel == {}
 
 
 def test_exit_of_a_process_never_adopted_drops_its_entries():
     t = tracker()
-    t.prog.entries[55] = 3
+    t.maps.entries[55] = 3
     t.follow(SimpleNamespace(kind=abi.K_EXIT, tgid=1, vm=55))
-    assert 55 not in t.prog.entries
+    assert 55 not in t.maps.entries
 
 
 def test_max_vms_refuses_and_drops_what_it_counted(qemu):
     a, b = qemu("a"), qemu("b")
     t = tracker(max_vms=1)
     assert t.adopt(a.pid, "exec", 1) is not None
-    t.prog.kernel[b.pid] = SimpleNamespace(vm=2)
-    t.prog.entries[2] = 7
+    t.maps.kernel[b.pid] = SimpleNamespace(vm=2)
+    t.maps.entries[2] = 7
     assert t.adopt(b.pid, "exec", 2) is None
-    assert t.refused == 1 and 2 not in t.prog.entries and b.pid not in t.prog.kernel
+    assert t.refused == 1 and 2 not in t.maps.entries and b.pid not in t.maps.kernel
 
 
 def test_names_are_unique_among_live_vms_only(qemu):
@@ -194,14 +211,14 @@ def test_names_are_unique_among_live_vms_only(qemu):
     t = tracker(grace=3600)
     va = t.adopt(a.pid, "exec", 1)
     vb = t.adopt(b.pid, "exec", 2)
-    t.prog.vcpus |= {1, 2}  # both become VMs
+    t.maps.vcpus |= {1, 2}  # both become VMs
     t.snapshot()
     assert va.name == "dup" and vb.name == "dup~2"
     t.exited(1)
     assert 1 in t.vms  # kept for the grace period
     c = qemu("dup")
     vc = t.adopt(c.pid, "exec", 3)
-    t.prog.vcpus.add(3)
+    t.maps.vcpus.add(3)
     t.snapshot()
     assert vc.name == "dup"  # a restarted domain keeps its name
 
@@ -212,7 +229,7 @@ def test_a_process_that_never_becomes_a_vm_takes_no_name(qemu):
     t = tracker()
     t.adopt(parent.pid, "exec", 1)
     vc = t.adopt(child.pid, "exec", 2)
-    t.prog.vcpus.add(2)
+    t.maps.vcpus.add(2)
     assert list(t.snapshot()) == [2] and vc.name == "d"
 
 
@@ -221,13 +238,13 @@ def test_a_process_without_vcpus_is_never_a_vm(qemu):
     p = qemu("probe")
     t = tracker(grace=3600)
     vm = t.adopt(p.pid, "exec", 5)
-    t.prog.entries[5] = 1
+    t.maps.entries[5] = 1
     assert vm is not None and t.snapshot() == {}
     t.exited(5)
-    assert 5 not in t.vms and 5 not in t.prog.entries and t.not_vms == 1
+    assert 5 not in t.vms and 5 not in t.maps.entries and t.not_vms == 1
     q = qemu("real")
     t.adopt(q.pid, "exec", 6)
-    t.prog.vcpus.add(6)  # KVM_CREATE_VCPU seen by the kernel
+    t.maps.vcpus.add(6)  # KVM_CREATE_VCPU seen by the kernel
     assert list(t.snapshot()) == [6]
 
 
@@ -235,10 +252,10 @@ def test_not_a_qemu_is_not_adopted_and_its_kernel_entry_goes():
     p = subprocess.Popen(["sleep", "60"])
     try:
         t = tracker()
-        t.prog.kernel[p.pid] = SimpleNamespace(vm=9)
-        t.prog.entries[9] = 1
+        t.maps.kernel[p.pid] = SimpleNamespace(vm=9)
+        t.maps.entries[9] = 1
         assert t.adopt(p.pid, "exec", 9) is None
-        assert p.pid not in t.prog.kernel and 9 not in t.prog.entries
+        assert p.pid not in t.maps.kernel and 9 not in t.maps.entries
     finally:
         p.kill()
         p.wait()
@@ -253,15 +270,15 @@ def test_forget_removes_every_per_vm_entry(bpf_caps, nothing_left):
 
     with QtraceProgram(load_catalog()) as prog:
         for vm in (0x80000101, 0x80000102):
-            for name in abi.PER_VM_MAPS:
+            for name in maps.PER_VM:
                 table = prog.bpf[name]
                 key = table.Key()
                 key.vm = vm
                 table[key] = table.Leaf(1) if not hasattr(table.Leaf, "_fields_") \
                     else table.Leaf()
-        t = Tracker(prog, FakeBinaries(), max_vms=4, grace=0)
+        t = Tracker(prog.maps, FakeBinaries(), max_vms=4, grace=0)
         t.forget(0x80000101)
-        for name in abi.PER_VM_MAPS:
+        for name in maps.PER_VM:
             vms = [k.vm for k in prog.bpf[name].keys()]
             assert vms == [0x80000102], (name, vms)
 

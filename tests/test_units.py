@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import ROOT
 
-from qtrace_bpf import kvm_ioctls
+from qtrace_bpf import decoders, kvm_ioctls
 from qtrace_bpf.catalog import absent_in, load_catalog, parse_catalog, version_tuple
 from qtrace_bpf.decoders import cause
 from qtrace_bpf.targets import parse_name, parse_uuid, sanitize_label
 
-FACTS = Path(__file__).resolve().parents[2] / "shared" / "facts" / "qemu-kvm.md"
+FACTS = ROOT / "docs" / "qemu-kvm.md"
 # The facts file's table, as read from <linux/kvm.h> (independent of our _IOC arithmetic).
 FACT_NUMBERS = {
     "KVM_CREATE_VM": 0xAE01, "KVM_CREATE_VCPU": 0xAE41, "KVM_RUN": 0xAE80,
@@ -32,11 +31,10 @@ FACT_NUMBERS = {
 @pytest.mark.parametrize("name,number", sorted(FACT_NUMBERS.items()))
 def test_ioctl_numbers_match_kvm_h(name, number):
     assert kvm_ioctls.BY_NAME[name].number == number
-    assert kvm_ioctls.ioctl_name(number) == name
+    assert decoders.ioctl(number) == name
 
 
 def test_facts_file_numbers_agree():
-    require("shared/facts beside the checkout", FACTS.exists(), f"{FACTS} (CI copies shared/)")
     text = FACTS.read_text()
     pairs = re.findall(r"(KVM_[A-Z0-9_]+) \| (0x[0-9a-f]+)", text)
     assert len(pairs) >= 20
@@ -45,11 +43,11 @@ def test_facts_file_numbers_agree():
 
 
 def test_traps_are_distinct():
-    assert kvm_ioctls.ioctl_name(0xAEA2) == "KVM_SET_TSC_KHZ"
-    assert kvm_ioctls.ioctl_name(0x4080AEA2) == "KVM_SET_DEBUGREGS"
-    assert kvm_ioctls.ioctl_name(0xAEA3) == "KVM_GET_TSC_KHZ"
-    assert kvm_ioctls.ioctl_name(0x4068AEA3) == "KVM_ENABLE_CAP"
-    assert kvm_ioctls.ioctl_name(0x1234AE00 | 0xFF).startswith("KVM_IOCTL_0x")
+    assert decoders.ioctl(0xAEA2) == "KVM_SET_TSC_KHZ"
+    assert decoders.ioctl(0x4080AEA2) == "KVM_SET_DEBUGREGS"
+    assert decoders.ioctl(0xAEA3) == "KVM_GET_TSC_KHZ"
+    assert decoders.ioctl(0x4068AEA3) == "KVM_ENABLE_CAP"
+    assert decoders.ioctl(0x1234AE00 | 0xFF).startswith("KVM_IOCTL_0x")
 
 
 def test_state_writes():
@@ -114,7 +112,7 @@ def test_shutdown_causes():
 def test_package_manager_temp_files_are_not_attached():
     """A glob sees dpkg's and rpm's half-written files during an upgrade: never attach
     those (their inode becomes the real binary after the rename)."""
-    from qtrace_bpf.daemon import _TEMP_NAME
+    from qtrace_bpf.targets import _TEMP_NAME
 
     for name in ("qemu-system-x86_64.dpkg-new", "qemu-system-x86_64.dpkg-tmp",
                  "qemu-kvm;5f3a9c2e", "qemu-system-x86_64.rpmnew"):

@@ -13,7 +13,7 @@ import pytest
 from conftest import Watcher, added, bpf_state, check_kvm, wait_settled
 from strace_count import count_state_writes, strace_argv
 
-from qtrace_bpf.vm import VM
+from qtrace_bpf.demo_qemu import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 
@@ -27,7 +27,7 @@ def phases_of(events: list[dict], vcpu: int, ioctl: str) -> set[str]:
     return {e["phase"] for e in writes(events, vcpu=vcpu, event=ioctl)}
 
 
-def qmp_resets(vm: VM) -> Counter:
+def qmp_resets(vm: DemoQemu) -> Counter:
     return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
 
 
@@ -39,7 +39,7 @@ def lifecycle_run(tmp_path_factory, qemu):
     tmp = tmp_path_factory.mktemp("strace")
     trace = str(tmp / "strace.out")
     before = bpf_state()
-    vm = VM("lifecycle-e2e", preconfig=True, smp="1,maxcpus=4", qemu=qemu)
+    vm = DemoQemu("lifecycle-e2e", preconfig=True, smp="1,maxcpus=4", qemu=qemu)
     try:
         watcher = Watcher(vm.pid)
         during = added(before, bpf_state())
@@ -204,7 +204,7 @@ def _host_tsc_khz() -> int:
 def test_tsc_frequency_decoded(qemu):
     """With -cpu ...,tsc-frequency=F QEMU sets it at vCPU init too; both decode to F."""
     khz = _host_tsc_khz()  # no TSC scaling in nested KVM: ask for what the host has
-    with VM("tsc", preconfig=True, cpu=f"qemu64,tsc-frequency={khz * 1000}", qemu=qemu) as vm:
+    with DemoQemu("tsc", preconfig=True, cpu=f"qemu64,tsc-frequency={khz * 1000}", qemu=qemu) as vm:
         w = Watcher(vm.pid)
         vm.cmd("x-exit-preconfig")
         time.sleep(0.3)
@@ -220,7 +220,7 @@ def test_tsc_frequency_decoded(qemu):
 
 def test_guest_initiated_reset(qemu):
     """SeaBIOS with nothing to boot reboots itself: cause guest-reset, as QMP says."""
-    with VM("rebooter", extra=["-boot", "reboot-timeout=500"], qemu=qemu) as vm:
+    with DemoQemu("rebooter", extra=["-boot", "reboot-timeout=500"], qemu=qemu) as vm:
         w = Watcher(vm.pid)
         vm.cmd("cont")
         deadline = time.monotonic() + 20
@@ -252,7 +252,7 @@ def attach_strace(pid: int, trace: str) -> subprocess.Popen:
 
 def save_state(qemu: str | None, path, cpu: str | None = None) -> None:
     """Migrate a short-lived VM to a file: the stream an incoming migration loads."""
-    with VM("mig-src", qemu=qemu, cpu=cpu) as src:
+    with DemoQemu("mig-src", qemu=qemu, cpu=cpu) as src:
         src.cmd("cont")
         time.sleep(0.5)
         src.cmd("stop")
@@ -265,7 +265,7 @@ def save_state(qemu: str | None, path, cpu: str | None = None) -> None:
     assert path.stat().st_size > 0
 
 
-def wait_migration(vm: VM, status: str) -> None:
+def wait_migration(vm: DemoQemu, status: str) -> None:
     deadline = time.monotonic() + 30
     while (got := vm.cmd("query-migrate").get("status")) != status:  # type: ignore[union-attr]
         assert got != "failed" or status == "failed", "incoming migration failed"
@@ -282,7 +282,8 @@ def test_incoming_migration_phase(qemu, tmp_path):
     state = tmp_path / "vm.state"
     save_state(qemu, state, cpu)
     trace = str(tmp_path / "strace.out")
-    with VM("mig-dst", preconfig=True, cpu=cpu, extra=["-incoming", "defer"], qemu=qemu) as dst:
+    with DemoQemu("mig-dst", preconfig=True, cpu=cpu, extra=["-incoming", "defer"],
+                  qemu=qemu) as dst:
         w = Watcher(dst.pid)
         strace = attach_strace(dst.pid, trace)
         dst.cmd("x-exit-preconfig")
@@ -326,7 +327,7 @@ def test_failed_incoming_migration_closes_its_window(qemu, tmp_path):
     save_state(qemu, state)
     broken = tmp_path / "broken.state"
     broken.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    with VM("mig-fail", smp="1,maxcpus=2", extra=["-incoming", "defer"], qemu=qemu) as dst:
+    with DemoQemu("mig-fail", smp="1,maxcpus=2", extra=["-incoming", "defer"], qemu=qemu) as dst:
         w = Watcher(dst.pid)
         args: dict[str, object] = {"uri": f"exec:cat {broken}"}
         if qemu is not None:
@@ -359,7 +360,7 @@ def test_loadvm_is_its_own_reset_cause(qemu, tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
     extra = ["-drive", f"file={disk},if=none,id=d0,format=qcow2",
              "-device", "virtio-blk-pci,drive=d0"]
-    with VM("loadvm", extra=extra, qemu=qemu) as vm:
+    with DemoQemu("loadvm", extra=extra, qemu=qemu) as vm:
         w = Watcher(vm.pid)
         vm.cmd("cont")
         time.sleep(0.3)
@@ -386,7 +387,7 @@ def test_loadvm_is_its_own_reset_cause(qemu, tmp_path):
 @pytest.mark.parametrize("how", ["duration", "SIGINT", "SIGTERM", "target exit"])
 def test_every_exit_path_detaches(kvm_caps, how):
     before = bpf_state()
-    with VM(f"exit-{how.replace(' ', '-')}") as vm:
+    with DemoQemu(f"exit-{how.replace(' ', '-')}") as vm:
         args = ("--duration", "1.5") if how == "duration" else ()
         w = Watcher(vm.pid, *args)
         vm.cmd("cont")
@@ -408,7 +409,7 @@ def test_sigint_while_events_flow(kvm_caps):
     """Ctrl-C may land inside the ring-buffer callback, or twice (an impatient operator):
     watch must still stop, summarise and detach, every time."""
     before = bpf_state()
-    with VM("sigint-busy", paused=False, extra=["-boot", "reboot-timeout=0"]) as vm:
+    with DemoQemu("sigint-busy", paused=False, extra=["-boot", "reboot-timeout=0"]) as vm:
         for delay in (0.3, 0.7, 1.1, 1.6, 2.2):
             w = Watcher(vm.pid)
             time.sleep(delay)
@@ -426,7 +427,7 @@ def test_sigint_while_events_flow(kvm_caps):
 def test_sigkill_of_the_tracer_leaves_nothing_while_qemu_runs(kvm_caps):
     """The kernel drops what a killed tracer held; QEMU goes on, untraced, unharmed."""
     before = bpf_state()
-    with VM("killed-tracer", paused=False) as vm:
+    with DemoQemu("killed-tracer", paused=False) as vm:
         w = Watcher(vm.pid)
         assert added(before, bpf_state()).get("progs")
         w.proc.kill()

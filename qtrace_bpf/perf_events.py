@@ -1,0 +1,80 @@
+"""Perf events that a BPF link can hold a program on: a uprobe (file + offset, through the
+uprobe PMU) or a tracepoint (by its tracefs id).
+
+BCC attaches with PERF_EVENT_IOC_SET_BPF, which cannot be pinned (and a perf event BCC
+attached cannot be given to BPF_LINK_CREATE: EEXIST).  Opening the event here and linking
+it (bpfsys.link) gives an attachment that can be pinned in bpffs and so outlives the
+process; see docs/bpf-pinning.md.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+
+from . import hooks
+from .errors import AttachError, QtraceError
+
+PERF_TYPE_TRACEPOINT = 2
+PERF_FLAG_FD_CLOEXEC = 8
+NR_PERF_EVENT_OPEN = 298  # x86-64
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+class PerfEventAttr(ct.Structure):
+    """struct perf_event_attr, as far as these attachments need it (PERF_ATTR_SIZE_VER5)."""
+
+    _fields_ = [("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),
+                ("sample_period", ct.c_uint64), ("sample_type", ct.c_uint64),
+                ("read_format", ct.c_uint64), ("flags", ct.c_uint64),
+                ("wakeup_events", ct.c_uint32), ("bp_type", ct.c_uint32),
+                ("config1", ct.c_uint64), ("config2", ct.c_uint64),
+                ("branch_sample_type", ct.c_uint64), ("sample_regs_user", ct.c_uint64),
+                ("sample_stack_user", ct.c_uint32), ("clockid", ct.c_int32),
+                ("sample_regs_intr", ct.c_uint64), ("aux_watermark", ct.c_uint32),
+                ("sample_max_stack", ct.c_uint16), ("reserved", ct.c_uint16)]
+
+
+def _perf_event_open(attr: PerfEventAttr) -> int:
+    attr.size = ct.sizeof(attr)
+    fd = _libc.syscall(NR_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        raise OSError(ct.get_errno(), os.strerror(ct.get_errno()))
+    return fd
+
+
+def _pmu_type(name: str) -> int:
+    with open(f"/sys/bus/event_source/devices/{name}/type") as f:
+        return int(f.read())
+
+
+def uprobe_event(path: str, offset: int, retprobe: bool) -> int:
+    """A perf event on the uprobe at (file, offset), all processes."""
+    attr = PerfEventAttr()
+    attr.type = _pmu_type("uprobe")
+    attr.config = 1 if retprobe else 0  # format/retprobe: config:0
+    path_buf = ct.create_string_buffer(path.encode())
+    attr.config1 = ct.addressof(path_buf)
+    attr.config2 = offset
+    try:
+        return _perf_event_open(attr)
+    except OSError as exc:
+        reason = "vanished" if exc.errno in (errno.ENOENT, errno.ESRCH) else "attach_failed"
+        raise AttachError(f"uprobe {path}+{offset:#x}: {exc.strerror}", reason) from None
+
+
+def tracepoint_event(category: str, name: str) -> int:
+    root = hooks.tracefs_root()
+    if root is None:
+        raise QtraceError("tracefs not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
+    with open(os.path.join(root, "events", category, name, "id")) as f:
+        tp_id = int(f.read())
+    attr = PerfEventAttr()
+    attr.type = PERF_TYPE_TRACEPOINT
+    attr.config = tp_id
+    try:
+        return _perf_event_open(attr)
+    except OSError as exc:
+        raise QtraceError(f"tracepoint {category}:{name}: {exc.strerror}") from None

@@ -1,0 +1,118 @@
+"""Pins in bpffs: where a program layout's maps and links live, and which links this
+process holds, so that counters and probes outlive a daemon restart.
+
+Layout policy: <root>/v<ABI>-<max_vms>x<max_vcpus>-<catalog hash>.  Pins of another layout
+(an older qtrace, other map sizes, another catalog) are never read: removed, and the
+restart counted as a gap.  A link pin holding the same program (same tag) is adopted as
+it is; one holding another program is replaced.  See docs/bpf-pinning.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import hashlib
+import os
+
+from . import abi, bpfsys
+from .catalog import Catalog
+
+BPFFS_MAGIC = 0xCAFE4A11
+
+
+def is_bpffs(path: str) -> bool:
+    """Pins need a bpf filesystem (systemd mounts one at /sys/fs/bpf)."""
+
+    class StatFs(ct.Structure):
+        _fields_ = [("f_type", ct.c_long), ("rest", ct.c_long * 15)]
+
+    st = StatFs()
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if ct.CDLL(None, use_errno=True).statfs(path.encode(), ct.byref(st)) != 0:
+        return False
+    return st.f_type & 0xFFFFFFFF == BPFFS_MAGIC
+
+
+def layout_name(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
+    """What the pinned bytes mean: the header's ABI, the map sizes, the catalog's slots
+    (they key lifecycle counts and name link pins)."""
+    slots = "".join(f"{p.slot}:{p.event}:{p.action};" for p in catalog.probes)
+    digest = hashlib.sha256(slots.encode()).hexdigest()[:8]
+    return f"v{abi.QTRACE_ABI_VERSION}-{max_vms}x{max_vcpus}-{digest}"
+
+
+def remove_other_layouts(root: str, keep: str) -> list[str]:
+    """Unpin every layout under root but `keep`; returns the names removed."""
+    if not os.path.isdir(root):
+        return []
+    stale = sorted(set(os.listdir(root)) - {keep})
+    for name in stale:
+        remove_pins(os.path.join(root, name))
+    return stale
+
+
+def remove_pins(root: str) -> list[str]:
+    """Unpin everything under root (maps and links go once no process holds them)."""
+    removed = []
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for f in files:
+            os.unlink(os.path.join(dirpath, f))
+            removed.append(os.path.join(dirpath, f))
+        os.rmdir(dirpath)
+    return removed
+
+
+class PinDir:
+    """One layout's directory: maps/ (BCC pins them at load) and links/ (pinned here)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.maps = os.path.join(path, "maps")
+        self.links = os.path.join(path, "links")
+        os.makedirs(self.maps, exist_ok=True)
+        os.makedirs(self.links, exist_ok=True)
+        self.carried = bool(os.listdir(self.maps))  # counters of a previous daemon continue
+        self.kept: list[str] = []  # link pins adopted as they were
+        self.replaced: list[str] = []  # link pins of another program, replaced
+        self._claimed: set[str] = set()  # link pins this process holds
+
+    def adopt(self, pin_name: str, prog_fd: int) -> int | None:
+        """The pinned link's fd if it holds this very program (now claimed); None when a
+        new link must be made (a pin of another program is removed first)."""
+        path = os.path.join(self.links, pin_name)
+        if not os.path.exists(path):
+            return None
+        old = bpfsys.get_pinned(path)
+        if old is not None and bpfsys.link_prog_tag(old) == bpfsys.prog_tag(prog_fd):
+            self._claimed.add(pin_name)
+            self.kept.append(pin_name)
+            return old
+        if old is not None:
+            os.close(old)
+        os.unlink(path)  # another program: its attachment goes, ours takes its place
+        self.replaced.append(pin_name)
+        return None
+
+    def pin(self, link_fd: int, pin_name: str) -> None:
+        bpfsys.pin(link_fd, os.path.join(self.links, pin_name))
+        self._claimed.add(pin_name)
+
+    def unpin(self, pin_name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.links, pin_name))
+        self._claimed.discard(pin_name)
+
+    def prune(self) -> list[str]:
+        """Unpin the link pins nobody claimed since start (files no process runs from any
+        more, catalog slots that changed): their uprobes go away."""
+        gone = [n for n in os.listdir(self.links) if n not in self._claimed]
+        for name in gone:
+            os.unlink(os.path.join(self.links, name))
+        return gone
+
+    def remove(self) -> None:
+        """Everything, and the root too when this layout was all it held."""
+        remove_pins(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.path))
