@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qtrace_bpf.logfmt import RateLimited
+
 from .webconfig import BasicAuth, TlsContext, WebConfig
 
 MAX_HEADER = 16 * 1024
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass
@@ -72,7 +76,12 @@ class Server:
         self.refused = 0  # connections closed at once: max_connections open, none idle
         self.evicted = 0  # idle connections closed to make room for a new one
         self.timeouts = 0  # handshakes / requests that did not arrive in time
+        # out of fds/memory (EMFILE at accept, ...): counted by errno name and logged at
+        # most once a minute per kind, never a traceback per accept
+        self.resource_errors: dict[str, int] = {}
+        self.log_limited = RateLimited(self.log)
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._loop_error)
         self._servers: list[asyncio.base_events.Server] = []
         self._thread = threading.Thread(target=self._loop.run_forever, name="qtrace-http",
                                         daemon=True)
@@ -131,6 +140,20 @@ class Server:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop_error(self, _loop, context: dict) -> None:
+        """asyncio's report of an error no task awaited (e.g. its accept loop hitting
+        EMFILE, after which it pauses accepting for a second): counted, rate-limited."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            self.resource_errors[name] = self.resource_errors.get(name, 0) + 1
+            self.log_limited(f"http_{name}", "HTTP server out of resources: connections "
+                             "wait in the listen backlog", error=exc.strerror)
+            return
+        self.log_limited("http_loop", "HTTP event loop error", level="error",
+                         error=f"{context.get('message')}: {exc!r}" if exc else
+                         context.get("message"))
 
     # -- connections ---------------------------------------------------------------------
 
@@ -249,14 +272,18 @@ LANDING = b"""<!DOCTYPE html>
 <html><head><title>qtrace</title></head><body>
 <h1>qtrace</h1>
 <p>When, on which vCPU and in which lifecycle phase QEMU writes vCPU state into KVM.</p>
-<ul><li><a href="metrics">/metrics</a></li><li><a href="-/healthy">/-/healthy</a></li></ul>
+<ul><li><a href="metrics">/metrics</a></li><li><a href="-/healthy">/-/healthy</a> (alive)</li>
+<li><a href="-/ready">/-/ready</a> (tracing)</li></ul>
 </body></html>
 """
 
 
 def make_app(metrics: Callable[[str, bool], bytes],
-             health: Callable[[], tuple[bool, str]]) -> App:
-    """The routes: / (landing page), /metrics, /-/healthy (200 or 503, and why)."""
+             health: Callable[[], tuple[bool, str]],
+             ready: Callable[[], tuple[bool, str]] | None = None) -> App:
+    """The routes: / (landing page), /metrics, /-/healthy (liveness) and /-/ready
+    (readiness), each 200 or 503 and why; Prometheus' own split."""
+    checks = {"/-/healthy": health, "/-/ready": ready or health}
     from .exposition import choose_format
 
     def app(method: str, path: str, headers: dict[str, str]) -> Response:
@@ -265,8 +292,8 @@ def make_app(metrics: Callable[[str, bool], bytes],
             gz = "gzip" in headers.get("accept-encoding", "")
             extra = (("Content-Encoding", "gzip"),) if gz else ()
             return Response(200, metrics(fmt, gz), fmt, (*extra, ("Vary", "Accept-Encoding")))
-        if path == "/-/healthy":
-            ok, why = health()
+        if path in checks:
+            ok, why = checks[path]()
             return Response(200 if ok else 503, why.encode() + b"\n")
         if path == "/":
             return Response(200, LANDING, "text/html; charset=utf-8")

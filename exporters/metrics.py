@@ -45,6 +45,7 @@ class Observed(Protocol):
     tracker: Any  # Tracker: lock, snapshot(), counters of what it refused
     binaries: Any  # QemuBinaries: plans, errors
     http: Any  # the server, for its connection counters (None before it starts)
+    resource_errors: dict[str, int]  # errno name -> times the loop ran out and retried
 
 
 class VmCollector:
@@ -160,7 +161,8 @@ class SelfCollector:
         yield stage
         build = GaugeMetricFamily("qtrace_build_info", "qtrace's version and what it runs on",
                                   labels=["version", "python", "bcc", "kernel", "abi"])
-        build.add_metric([__version__, platform.python_version(), _bcc_version(),
+        build.add_metric([__version__, platform.python_version(),
+                          getattr(d.prog, "bcc_version", "") if d.prog else "",
                           os.uname().release, str(abi.QTRACE_ABI_VERSION)], 1)
         yield build
         http = getattr(d, "http", None)
@@ -175,6 +177,18 @@ class SelfCollector:
                               ("timeout", http.timeouts)):
                 closed.add_metric([reason], n)
             yield closed
+            yield GaugeMetricFamily("qtrace_http_max_connections", "HTTP connections allowed "
+                                    "at once: the config's max_connections, capped to fit the "
+                                    "fd limit", value=http.limits.max_connections)
+        errors = CounterMetricFamily("qtrace_resource_errors", "Times the daemon ran out of a "
+                                     "resource (EMFILE, ENFILE, ENOMEM, ...) and retried, by "
+                                     "errno and where", labels=["errno", "where"])
+        for where, counts in (("http", getattr(http, "resource_errors", {})),
+                              ("tracking", getattr(d, "resource_errors", {}))):
+            for name in ("EMFILE", "ENFILE", "ENOMEM", *sorted(set(counts) - {
+                    "EMFILE", "ENFILE", "ENOMEM"})):
+                errors.add_metric([name, where], counts.get(name, 0))
+        yield errors
         if d.prog is None:
             return
         t = d.tracker
@@ -244,14 +258,6 @@ class SelfCollector:
         yield GaugeMetricFamily("qtrace_scrape_duration_seconds",
                                 "Time the last collection of the per-VM families took",
                                 value=self.vms.last_seconds)
-
-
-def _bcc_version() -> str:
-    try:
-        import bcc  # type: ignore[import-not-found]
-    except ImportError:
-        return ""
-    return getattr(bcc, "__version__", "")
 
 
 class Exposition:

@@ -106,11 +106,6 @@ def parse_structs(text: str, known: dict[str, int]) -> dict[str, type]:
     return out
 
 
-def ctype(name: str) -> type:
-    """A map's key or value type by its C name: "u64", "proc_state", ..."""
-    return CTYPES[name] if name in CTYPES else STRUCTS[name]
-
-
 def _names(members: dict[str, int], prefix: str, sep: str = "_") -> tuple[str, ...]:
     """{PH_BOOT: 0, PH_RESET: 1} -> ("boot", "reset"): dense, in value order."""
     by_value = {v: k.removeprefix(prefix).lower().replace("_", sep) for k, v in members.items()}
@@ -124,8 +119,8 @@ def _load() -> None:
         text = f.read()
     defines, enums = parse_header(text)
     g = globals()
-    g["STRUCTS"] = parse_structs(text, {**defines, **{k: v for m in enums.values()
-                                                      for k, v in m.items()}})
+    STRUCTS.update(parse_structs(text, {**defines, **{k: v for m in enums.values()
+                                                      for k, v in m.items()}}))
     g.update(defines)
     for members in enums.values():
         g.update(members)
@@ -166,6 +161,11 @@ KINDS: dict[int, str]
 MAPS: tuple[str, ...]
 CAUSES: tuple[str, ...]
 VALUES: tuple[str, ...]
-STRUCTS: dict[str, type]  # struct name -> ctypes Structure
+STRUCTS: dict[str, type] = {}  # struct name -> ctypes Structure
 
 _load()
+
+
+def ctype(name: str) -> type:
+    """A map's key or value type by its C name: "u64", "proc_state", ..."""
+    return CTYPES[name] if name in CTYPES else STRUCTS[name]

@@ -3,49 +3,48 @@
 Uprobes go on the host's QEMU binaries at start (before any VM exists); the kernel starts
 tracking a new QEMU at its exec (or its KVM_CREATE_VM), so its boot is counted from the
 first state write; user space only learns names for labels.  A periodic rescan is the
-safety net.  Series of a VM that quit are dropped after a grace period.
+safety net.  Series of a VM that quit are dropped after a grace period.  The program is
+compiled and pinned by a short-lived loader process (loader.py): this one holds no compiler.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable
 
-from . import pins, targets
+from . import loader, pins, targets
 from .binaries import QemuBinaries
 from .catalog import load_catalog
 from .config import Config
 from .debuginfod import Debuginfod
 from .errors import AttachError, QtraceError
-from .logfmt import Formatter, logger_fn
-from .program import QtraceProgram
+from .logfmt import Formatter, RateLimited, logger_fn
+from .pinned import PinnedProgram
+from .service import Notifier, Signals
 from .tracker import TracedVm, Tracker
 
 log = logging.getLogger("qtrace")
+RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+STUCK_AFTER = 30.0  # seconds without a turn of the main loop: not alive
+# fds kept for what is not a connection: BPF maps and programs, the uprobe links of a few
+# QEMU binaries (one each), /proc reads, log and notify sockets, the render threads' files
+FD_RESERVE = 256
 
 
-class Signals:
-    """What signals asked for, as plain attributes.  A handler must not take a lock (an
-    Event's): it runs in the main thread between two bytecodes, maybe while that thread
-    holds the same lock, and would deadlock."""
-
-    stop = False  # SIGTERM, SIGINT
-    rescan = False  # SIGHUP: an operator asks for a /proc rescan now
-
-    def install(self) -> None:
-        import signal
-
-        def on_stop(*_: object) -> None:
-            self.stop = True
-
-        def on_hup(*_: object) -> None:
-            self.rescan = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
+def fd_budget(configured: int) -> tuple[int, int]:
+    """Raise the soft fd limit to the hard one (as Go's runtime does); returns (the limit
+    now, connections that fit in it beside FD_RESERVE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, max(16, min(configured, soft - FD_RESERVE))
 
 
 class Daemon:
@@ -59,7 +58,7 @@ class Daemon:
         self.cfg = cfg
         self.catalog = load_catalog()
         self.log = logger_fn(log)
-        self.prog: QtraceProgram | None = None
+        self.prog = None  # PinnedProgram; a QtraceProgram when nothing can be pinned
         self.binaries: QemuBinaries | None = None
         self.tracker: Tracker | None = None
         # "VM forgotten" subscribers, handed to the tracker when it is made (the exporter
@@ -71,6 +70,10 @@ class Daemon:
         self.signals = Signals()
         self.http = None  # the /metrics server, for its self-metrics
         self.stale_layouts: list[str] = []
+        self.compiled = True  # False: started from pins that matched, compiling nothing
+        self.beat = time.monotonic()  # the main loop's last turn (liveness)
+        self.resource_errors: dict[str, int] = {}  # errno name -> times (EMFILE, ...)
+        self.log_limited = RateLimited(self.log)
 
     def pin_dir(self) -> pins.PinDir | None:
         """This layout's pins (pins.layout_name); pins of another layout are removed, and
@@ -91,9 +94,23 @@ class Daemon:
 
     def load(self) -> None:
         self.stage = "loading the BPF program"
-        self.prog = QtraceProgram(self.catalog, hook=self.cfg.kernel_hook, log=self.log,
-                                  discovery=True, max_vms=self.cfg.max_vms,
-                                  max_vcpus=self.cfg.max_vcpus_per_vm, pins=self.pin_dir())
+        cfg = self.cfg
+        pin_dir = self.pin_dir()
+        if pin_dir is None:  # nowhere to hand the program over: compile in this process
+            from .program import QtraceProgram
+
+            self.prog = QtraceProgram(self.catalog, hook=cfg.kernel_hook, log=self.log,
+                                      discovery=True, max_vms=cfg.max_vms,
+                                      max_vcpus=cfg.max_vcpus_per_vm)
+            self.log("no pins: the BPF compiler stays loaded in this process",
+                     level="warning")
+        else:
+            manifest, compiled = loader.ensure(pin_dir.path, cfg.kernel_hook, cfg.max_vms,
+                                               cfg.max_vcpus_per_vm, self.log)
+            self.prog = PinnedProgram(self.catalog, pin_dir, manifest, log=self.log)
+            self.compiled = compiled
+            if compiled:
+                pin_dir.replaced += manifest.replaced  # the loader replaced these links
         # the config's servers win over an inherited DEBUGINFOD_URLS
         debuginfod = Debuginfod.from_env(self.cfg.debuginfod_urls, self.cfg.debuginfo_cache)
         self.binaries = QemuBinaries(self.catalog, self.prog.attach_binary, self.cfg.debug_roots,
@@ -108,6 +125,7 @@ class Daemon:
             self.tracker.gaps[("", "program_replaced")] += 1
         if p:
             self.log("pins", dir=p.path, counters="continued" if p.carried else "new",
+                     program="compiled" if self.compiled else "reused",
                      links_kept=len(p.kept), links_replaced=len(p.replaced))
 
     def attach_host_binaries(self) -> None:
@@ -137,11 +155,36 @@ class Daemon:
         """/proc, and the configured binaries: a package upgrade's new file is attached here,
         usually before any VM starts from it."""
         self._last_scan = time.monotonic()
-        self.attach_host_binaries()
-        self.tracker.rescan()
+        with self.resources("rescan"):
+            self.attach_host_binaries()
+            self.tracker.rescan()
+
+    @contextlib.contextmanager
+    def resources(self, during: str):
+        """Out of fds or memory (EMFILE, ENFILE, ENOMEM) is counted and retried at the next
+        turn of the loop, never fatal; one log line a minute per kind."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRNOS:
+                raise
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            self.resource_errors[name] = self.resource_errors.get(name, 0) + 1
+            self.log_limited(f"{during}_{name}", f"out of resources during {during}: retried",
+                             error=exc.strerror)
 
     def healthy(self) -> tuple[bool, str]:
-        """/-/healthy: the kernel hook and the binaries' probes attached, events flowing."""
+        """/-/healthy (liveness): the main loop turns; also while starting (a liveness
+        probe must not kill a daemon that is still loading its program)."""
+        if not self.ready:
+            return True, f"alive: {self.stage}"
+        stuck = time.monotonic() - self.beat
+        if stuck > STUCK_AFTER:
+            return False, f"main loop stuck for {stuck:.0f}s"
+        return True, "alive: tracing"
+
+    def readiness(self) -> tuple[bool, str]:
+        """/-/ready: the kernel hook attached and the first rescan done."""
         if not self.ready:
             return False, f"not ready: {self.stage}"
         plans = list(self.binaries.plans.values())
@@ -156,9 +199,11 @@ class Daemon:
         """Until SIGTERM/SIGINT.  notify: the systemd watchdog, kicked from this loop (a
         stuck loop is what the watchdog is for)."""
         while not self.signals.stop:
+            self.beat = time.monotonic()
             self.prog.poll(200)
             while self.prog.events:
-                self.tracker.follow(self.prog.events.popleft())
+                with self.resources("adopt"):
+                    self.tracker.follow(self.prog.events.popleft())
             if self.signals.rescan or \
                     time.monotonic() - self._last_scan >= self.cfg.rescan_interval:
                 self.signals.rescan = False
@@ -172,35 +217,6 @@ class Daemon:
         counting, the next daemon continues); all else is released."""
         if self.prog is not None:
             self.prog.close(keep_pins=self.cfg.keep_on_exit)
-
-
-class Notifier:
-    """sd_notify (Type=notify): READY, STATUS, the watchdog, STOPPING.  A no-op outside
-    systemd, and never an error: a failed notification must not skip the shutdown path."""
-
-    def __init__(self, log) -> None:
-        import socket
-
-        self.log = log
-        addr = os.environ.get("NOTIFY_SOCKET", "")
-        self.addr = "\0" + addr[1:] if addr.startswith("@") else addr
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        self.interval = int(usec) / 2e6 if usec.isdigit() else 0.0
-        self._kicked = 0.0
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self.addr else None
-
-    def send(self, message: str) -> None:
-        if self._sock is None:
-            return
-        try:
-            self._sock.sendto(message.encode(), self.addr)
-        except OSError as exc:
-            self.log("sd_notify failed", level="debug", message=message, error=exc)
-
-    def watchdog(self) -> None:
-        if self.interval and time.monotonic() - self._kicked >= self.interval:
-            self._kicked = time.monotonic()
-            self.send("WATCHDOG=1")
 
 
 def run_daemon(cfg: Config) -> int:
@@ -222,8 +238,13 @@ def run_daemon(cfg: Config) -> int:
     notify = Notifier(daemon.log)
     exposition = Exposition(daemon)
     daemon.forgotten.append(exposition.vms.carry)
-    server = Server(make_app(exposition.get, daemon.healthy), [cfg.host_port], web=cfg.web,
-                    limits=Limits(max_connections=cfg.max_connections), log=daemon.log)
+    nofile, connections = fd_budget(cfg.max_connections)
+    if connections < cfg.max_connections:
+        daemon.log("max_connections capped to fit the fd limit", level="warning",
+                   configured=cfg.max_connections, max_connections=connections, nofile=nofile)
+    server = Server(make_app(exposition.get, daemon.healthy, daemon.readiness),
+                    [cfg.host_port], web=cfg.web, limits=Limits(max_connections=connections),
+                    log=daemon.log)
     daemon.http = server  # its connection counters are self-metrics
     try:
         server.start()
@@ -231,7 +252,8 @@ def run_daemon(cfg: Config) -> int:
         server.shutdown()
         raise QtraceError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
     daemon.log("listening", listen=cfg.listen, scheme="https" if cfg.web.tls else "http",
-               auth="basic" if cfg.web.users else None)
+               auth="basic" if cfg.web.users else None, max_connections=connections,
+               nofile=nofile)
     try:
         notify.send("STATUS=loading the BPF program")
         daemon.load()

@@ -68,3 +68,30 @@ def logger_fn(logger: logging.Logger, level: int = logging.INFO):
         logger.log(lvl, msg, extra={"fields": fields})
 
     return log
+
+
+class RateLimited:
+    """One line per kind per interval, saying how many were not logged in between: an error
+    that repeats (EMFILE at every accept, a /proc that cannot be read) must not flood the
+    journal, nor hide how often it happened (`counts` feeds a self-metric)."""
+
+    def __init__(self, log, interval: float = 60.0, clock=None) -> None:
+        import time
+
+        self.log = log
+        self.interval = interval
+        self.clock = clock or time.monotonic
+        self.counts: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, kind: str, msg: str, **fields: object) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = self.clock()
+        if kind in self._last and now - self._last[kind] < self.interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        self.log(msg, level=fields.pop("level", "warning"), kind=kind,
+                 repeated=held or None, **fields)

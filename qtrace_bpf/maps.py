@@ -78,6 +78,16 @@ RESETS = CounterMap(
 
 COUNTERS: tuple[CounterMap, ...] = (WRITES, ERRORS, LIFECYCLE, RESETS)
 
+# Key and value types by their C names (abi.ctype); the same as the QT_HASH/QT_ARRAY lines
+# of qtrace.bpf.c (tests/test_abi.py compares them with BCC's compile).
+TYPES: dict[str, tuple[str, str]] = {
+    PROCS: ("u32", "proc_state"), VCPU_FDS: ("vcpu_key", "s32"), LAST_VAL: ("val_key", "u64"),
+    PROBE_CFG: ("int", "probe_cfg"), WATCHED: ("u32", "u32"), EVENTS_LOST: ("int", "u64"),
+    UPDATE_FAILED: ("int", "u64"), WRITES.name: ("count_key", "u64"),
+    ERRORS.name: ("err_key", "u64"), LIFECYCLE.name: ("lc_key", "u64"),
+    RESETS.name: ("reset_key", "u64"),
+}
+
 # Maps whose keys start with the VM id: Tracker.forget() deletes a VM's entries from each.
 # A test fails if a map of the compiled program keyed by `vm` is missing here.
 PER_VM: tuple[str, ...] = (VCPU_FDS, LAST_VAL, *(c.name for c in COUNTERS))

@@ -65,6 +65,24 @@ def uprobe_event(path: str, offset: int, retprobe: bool) -> int:
         raise AttachError(f"uprobe {path}+{offset:#x}: {exc.strerror}", reason) from None
 
 
+def kprobe_event(function: str, retprobe: bool) -> int:
+    """A perf event on a kprobe at a kernel function's entry (or return)."""
+    attr = PerfEventAttr()
+    try:
+        attr.type = _pmu_type("kprobe")
+    except OSError:
+        raise QtraceError("no kprobe PMU (/sys/bus/event_source/devices/kprobe): kernel "
+                          "built without CONFIG_KPROBES?") from None
+    attr.config = 1 if retprobe else 0  # format/retprobe: config:0
+    name_buf = ct.create_string_buffer(function.encode())
+    attr.config1 = ct.addressof(name_buf)
+    attr.config2 = 0
+    try:
+        return _perf_event_open(attr)
+    except OSError as exc:
+        raise QtraceError(f"kprobe {function}: {exc.strerror}") from None
+
+
 def tracepoint_event(category: str, name: str) -> int:
     root = hooks.tracefs_root()
     if root is None:

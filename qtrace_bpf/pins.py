@@ -94,6 +94,10 @@ class PinDir:
         self.replaced.append(pin_name)
         return None
 
+    def claim(self, pin_name: str) -> None:
+        """A link pin someone else made for this layout (the loader): not to be pruned."""
+        self._claimed.add(pin_name)
+
     def pin(self, link_fd: int, pin_name: str) -> None:
         bpfsys.pin(link_fd, os.path.join(self.links, pin_name))
         self._claimed.add(pin_name)

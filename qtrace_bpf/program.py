@@ -1,44 +1,46 @@
-"""QtraceProgram: one BPF object from compile to close.
+"""QtraceProgram: one BPF object from compile to close, in this process (BCC).
 
 Compiles probes/qtrace.bpf.c with BCC, picks the kernel hook (fentry -> kprobe -> syscall
-tracepoints, each refusal kept with its reason), attaches QEMU binaries' uprobes by file
-through pinnable BPF links, and hands out its maps (`maps`, a VmMaps).  Every step that
-succeeds pushes its undo; close() runs them in reverse, so every exit path (Ctrl-C,
-SIGTERM, target exit, exception) detaches everything.  All calls into BCC stay here.
+tracepoints, each refusal kept with its reason), holds the hook's and each QEMU binary's
+attachments (attachments.py), and hands out its maps (`maps`, a VmMaps) and ring-buffer
+events.  Every step that succeeds pushes its undo; close() runs them in reverse, so every
+exit path (Ctrl-C, SIGTERM, target exit, exception) detaches everything.  Used by watch,
+doctor and the loader; the daemon opens what the loader pinned (pinned.py) instead.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
-import os
-from collections import deque
 from collections.abc import Callable
 
-from . import bpfsys, hooks, loading, maps, perf_events, preflight
-from .binaries import AttachPlan
+from . import abi, bpfsys, hooks, loading, maps, preflight
+from .attachments import Attachments
 from .catalog import Catalog, bpf_source
-from .errors import AttachError, QtraceError
+from .errors import QtraceError
 from .kvm_ioctls import STATE_WRITES
 from .pins import PinDir
+from .runtime import RunningProgram
 from .vmmaps import VmMaps
 
 Log = Callable[..., None]  # log(msg, level="info", **fields)
 
 
-class QtraceProgram:
+class QtraceProgram(RunningProgram):
     """The BPF program for every traced QEMU binary and process.
 
     discovery: the kernel tracks QEMU processes from their exec (daemon).
     write_events: every state write is also a ring-buffer event (watch); otherwise the
     ring buffer carries exec/exit/lifecycle only and counts live in maps.
-    pins: maps and links pinned there outlive this process (daemon).
+    pins: maps and links pinned there outlive this process (the loader).
     """
 
     def __init__(self, catalog: Catalog, *, hook: str | None = None, log: Log | None = None,
                  discovery: bool = False, write_events: bool = False, max_vms: int = 1024,
                  max_vcpus: int = 64, pins: PinDir | None = None):
+        super().__init__()
         preflight.check_privileges()
         self.bcc = preflight.import_bcc()
+        self.bcc_version = getattr(self.bcc, "__version__", "")
         preflight.check_kernel_headers()
         self.catalog = catalog
         self.log = log or (lambda _msg, **_kw: None)
@@ -49,12 +51,10 @@ class QtraceProgram:
         self.refusals: dict[str, str] = {}
         self._failures: list[str] = []  # raw load errors, for resource_problem()
         self.hook_mode = ""
-        self.events: deque = deque()  # ring-buffer events (struct event copies), oldest first
-        self.uprobe_count = 0
-        self.state = "closed"
-        self._undo: list[Callable[[], None]] = []
+        self.hook_links: list[str] = []  # pin names of the kernel hook's and discovery's links
         self.bpf = None
         self.maps: VmMaps | None = None
+        self.links = Attachments(self.prog_fd, pins, self.log)
         try:
             self._open(hook)
             self._configure()
@@ -68,10 +68,6 @@ class QtraceProgram:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _expect(self, *states: str) -> None:
-        if self.state not in states:
-            raise QtraceError(f"BPF program is {self.state}, expected {' or '.join(states)}")
 
     # -- compile and hook ------------------------------------------------------------
 
@@ -104,7 +100,7 @@ class QtraceProgram:
             for refused, why in self.refusals.items():
                 self.log("kernel hook refused", hook=refused, reason=why)
             self.log("kernel hook chosen", hook=mode)
-            self._log_replaced(0)
+            self.links.log_replaced()
             return
         detail = "; ".join(f"{m}: {r}" for m, r in self.refusals.items())
         problems = [p for p in map(preflight.resource_problem, self._failures) if p]
@@ -124,8 +120,6 @@ class QtraceProgram:
             BPF(text=bpf_source("fentry_check.bpf.c").encode()).cleanup()
         b = BPF(text=text.encode(), cflags=self.cflags(mode))  # fentry: auto-attached here
         self.bpf = b
-        self._undo.append(b.cleanup)  # BCC detaches what it attached, then closes the fds
-        done = len(self._undo)
         try:
             tracepoints = [("sched", "sched_process_exec", "tp_sched_exec"),
                            ("sched", "sched_process_exit", "tp_sched_exit")] \
@@ -134,116 +128,60 @@ class QtraceProgram:
                 tracepoints += [("syscalls", "sys_enter_ioctl", "tp_enter_ioctl"),
                                 ("syscalls", "sys_exit_ioctl", "tp_exit_ioctl")]
             for category, name, fn in tracepoints:
-                self._attach_link(fn, BPF.TRACEPOINT, f"tp-{name}",
-                                  lambda c=category, n=name: perf_events.tracepoint_event(c, n))
-            if mode == "kprobe":  # (fentry and kprobe attachments are not pinned)
+                self.links.tracepoint(fn, category, name)
+                self.hook_links.append(f"tp-{name}")
+            if mode == "kprobe":
                 for fn in hooks.KVM_FUNCS:
-                    b.attach_kprobe(event=fn, fn_name="kp_kvm_ioctl")
-                    b.attach_kretprobe(event=fn, fn_name="kretp_kvm_ioctl")
+                    self.links.kprobe("kp_kvm_ioctl", fn, False)
+                    self.links.kprobe("kretp_kvm_ioctl", fn, True)
+                    self.hook_links += [f"k-{fn}", f"kr-{fn}"]
+            if mode == "fentry" and self.pins:
+                self._pin_fentry(b)
         except BaseException:
-            while len(self._undo) >= done:
-                self._undo.pop()()
+            self.links.close()
+            b.cleanup()
             self.bpf = None
             raise
-        self.maps = VmMaps(b)
+        self.maps = VmMaps(self._map)
         self.state = "built"
 
-    def _attach_link(self, fn_name: str, prog_type: int, pin_name: str,
-                     open_event: Callable[[], int]) -> bool:
-        """Hold fn_name on a perf event through a BPF link, pinned when pins are on (an
-        identical program's pin is adopted as it is).  True when a new link was made."""
-        fn = self.bpf.load_func(fn_name.encode(), prog_type)
-        kept = self.pins.adopt(pin_name, fn.fd) if self.pins else None
-        if kept is not None:
-            self._hold(kept)
-            return False
-        perf = open_event()
-        try:
-            fd = bpfsys.link(fn.fd, perf)
-        finally:
-            os.close(perf)
-        self._hold(fd)
-        if self.pins:
-            self.pins.pin(fd, pin_name)
-        return True
+    def _pin_fentry(self, b) -> None:
+        """BCC attached the fentry/fexit programs with links (BPF_RAW_TRACEPOINT_OPEN);
+        pinned, they outlive this process like the others."""
+        for fds in (b.kfunc_entry_fds, b.kfunc_exit_fds):
+            for name, fd in fds.items():
+                pin_name = f"f-{name.decode()}"
+                self.pins.unpin(pin_name)
+                self.pins.pin(fd, pin_name)
+                self.hook_links.append(pin_name)
 
-    def _hold(self, fd: int) -> None:
-        self._undo.append(lambda: os.close(fd))
+    def prog_fd(self, name: str) -> int:
+        """The fd of a handler of the compiled program (loaded on first use)."""
+        kind = self.bcc.BPF.TRACEPOINT if name.startswith("tp_") else self.bcc.BPF.KPROBE
+        return self.bpf.load_func(name.encode(), kind).fd
+
+    def _map(self, name: str) -> bpfsys.Map:
+        key, value = maps.TYPES[name]
+        return bpfsys.Map(self.bpf[name].map_fd, abi.ctype(key), abi.ctype(value), name)
 
     def _configure(self) -> None:
-        b = self.bpf
-        cfg = b[maps.PROBE_CFG]
+        cfg = self._map(maps.PROBE_CFG)
         for probe in self.catalog.probes:
             val = cfg.Leaf()
             val.action = probe.action_id
             cfg[ct.c_int(probe.slot)] = val
-        watched = b[maps.WATCHED]
+        watched = self._map(maps.WATCHED)
         for number in STATE_WRITES:
             watched[ct.c_uint32(number)] = ct.c_uint32(1)
-        table = b[maps.EVENTS]
-        pending = self.events
-
-        def on_event(_ctx, data, size):
-            ev = table.event(data)  # the layout BCC recorded for struct event
-            pending.append(type(ev).from_buffer_copy(ct.string_at(data, ct.sizeof(ev))))
-            return 0
-
-        table.open_ring_buffer(on_event)
-
-    # -- uprobes -----------------------------------------------------------------------
-
-    def attach_binary(self, plan: AttachPlan) -> None:
-        """Every uprobe of the plan, or none: a failure undoes this binary's attaches.
-        Links are named by the file (device, inode), offset and slot: a restarted daemon
-        finds its predecessor's and keeps them."""
-        self._expect("attached")
-        mark = len(self._undo)
-        made: list[str] = []
-        dev, ino = plan.key
-        uprobes = plan.uprobes()
-        replaced = len(self.pins.replaced) if self.pins else 0
-        try:
-            for offset, slot, kind in uprobes:
-                pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}"
-                if self._attach_link(f"qt_{kind}_{slot}", self.bcc.BPF.KPROBE, pin_name,
-                                     lambda o=offset, r=(kind == "return"):
-                                     perf_events.uprobe_event(plan.path, o, r)):
-                    made.append(pin_name)
-        except AttachError as exc:
-            self._undo_to(mark, made)
-            exc.args = (f"{plan.display}: {exc}",)
-            raise
-        except BaseException:
-            self._undo_to(mark, made)
-            raise
-        self.uprobe_count += len(uprobes)
-        self._log_replaced(replaced)
-
-    def _log_replaced(self, since: int) -> None:
-        for pin_name in (self.pins.replaced[since:] if self.pins else []):
-            self.log("pinned program differs from this one: replaced", level="warning",
-                     link=pin_name)
-
-    def _undo_to(self, mark: int, made_pins: list[str]) -> None:
-        while len(self._undo) > mark:
-            self._undo.pop()()
-        for pin_name in made_pins:
-            if self.pins:
-                self.pins.unpin(pin_name)
-
-    # -- reading -----------------------------------------------------------------------
-
-    def poll(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-
-    def drain(self) -> None:
-        self.bpf.ring_buffer_consume()
+        self._read_events(self.bpf[maps.EVENTS].map_fd)
 
     def close(self, keep_pins: bool = False) -> None:
         """Undo everything, last step first; safe to call twice.  keep_pins: pinned maps and
         links stay (a restart continues from them); otherwise they are removed too."""
-        while self._undo:
-            self._undo.pop()()
+        self._stop_events()
+        self.links.close()
+        if self.bpf is not None:
+            self.bpf.cleanup()  # BCC detaches what it attached, then closes the fds
         self.bpf = None
         self.maps = None
         self.state = "closed"

@@ -9,7 +9,7 @@ cannot drift.  Key and value layouts are BCC's compile of probes/qtrace.h.
 from __future__ import annotations
 
 import ctypes as ct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from . import abi, bpfsys, maps
@@ -31,23 +31,30 @@ class TrackerMaps(Protocol):
 
 
 class VmMaps:
-    """The maps of one loaded BCC object (a TrackerMaps, and the counters' reader)."""
+    """The maps of one loaded program (a TrackerMaps, and the counters' reader), opened by
+    name through `open_map` (from BCC's fds, or from pins) and kept."""
 
-    def __init__(self, bpf) -> None:  # a bcc.BPF
-        self.bpf = bpf
+    def __init__(self, open_map: Callable[[str], bpfsys.Map]) -> None:
+        self._open = open_map
+        self._tables: dict[str, bpfsys.Map] = {}
+
+    def table(self, name: str) -> bpfsys.Map:
+        if name not in self._tables:
+            self._tables[name] = self._open(name)
+        return self._tables[name]
 
     # -- processes (the Tracker decides which) -------------------------------------------
 
     def proc(self, pid: int):
         """The kernel's proc_state for pid, or None when the kernel does not track it."""
         try:
-            return self.bpf[maps.PROCS][ct.c_uint32(pid)]
+            return self.table(maps.PROCS)[ct.c_uint32(pid)]
         except KeyError:
             return None
 
     def insert_proc(self, pid: int, vm: int, *, boot_done: bool) -> bool:
         """Track pid as VM id `vm` unless the kernel already does (False then)."""
-        table = self.bpf[maps.PROCS]
+        table = self.table(maps.PROCS)
         leaf = table.Leaf()
         leaf.vm = vm
         leaf.boot_done = 1 if boot_done else 0
@@ -58,7 +65,7 @@ class VmMaps:
                               "raise max_vms)") from None
 
     def set_boot_done(self, pid: int) -> None:
-        table = self.bpf[maps.PROCS]
+        table = self.table(maps.PROCS)
         key = ct.c_uint32(pid)
         try:
             leaf = table[key]
@@ -69,16 +76,16 @@ class VmMaps:
 
     def delete_proc(self, pid: int) -> None:
         try:
-            del self.bpf[maps.PROCS][ct.c_uint32(pid)]
+            del self.table(maps.PROCS)[ct.c_uint32(pid)]
         except KeyError:
             pass
 
     def procs(self) -> dict[int, int]:
         """pid -> VM id, as the kernel tracks them now."""
-        return {k.value: v.vm for k, v in self.bpf[maps.PROCS].items()}
+        return {k.value: v.vm for k, v in self.table(maps.PROCS).items()}
 
     def set_vcpu_fds(self, vm: int, fds: dict[int, int]) -> None:
-        table = self.bpf[maps.VCPU_FDS]
+        table = self.table(maps.VCPU_FDS)
         for fd, vcpu in fds.items():
             key = table.Key()
             key.vm = vm
@@ -92,7 +99,7 @@ class VmMaps:
         if not gone:
             return 0
         for name in maps.PER_VM:
-            table = self.bpf[name]
+            table = self.table(name)
             for key in [k for k in table.keys() if k.vm in gone]:
                 try:
                     del table[key]
@@ -103,12 +110,12 @@ class VmMaps:
 
     def vm_ids_with_vcpus(self) -> set[int]:
         """VM ids the kernel saw create a vCPU (or that were seeded with vCPU fds)."""
-        return {k.vm for k in self.bpf[maps.VCPU_FDS].keys()}
+        return {k.vm for k in self.table(maps.VCPU_FDS).keys()}
 
     def vm_ids_in_maps(self) -> set[int]:
         ids: set[int] = set()
         for name in maps.PER_VM:
-            ids |= {k.vm for k in self.bpf[name].keys()}
+            ids |= {k.vm for k in self.table(name).keys()}
         return ids
 
     # -- counters ------------------------------------------------------------------------
@@ -117,7 +124,7 @@ class VmMaps:
         """(key, count) of one counter map, read now: BPF_MAP_LOOKUP_BATCH, a few thousand
         entries a system call (BCC's items() makes two calls per key; its own batch reader
         allocates the map's whole max_entries)."""
-        table = self.bpf[name]
+        table = self.table(name)
         try:
             got = bpfsys.lookup_batch(table.map_fd, table.Key, table.Leaf)
         except QtraceError as exc:
@@ -128,10 +135,10 @@ class VmMaps:
 
     def events_lost(self) -> dict[str, int]:
         """kind -> ring-buffer events dropped (the ring was full)."""
-        table = self.bpf[maps.EVENTS_LOST]
+        table = self.table(maps.EVENTS_LOST)
         return {name: int(table[ct.c_int(k)].value) for k, name in abi.KINDS.items()}
 
     def update_failures(self) -> dict[str, int]:
         """map name -> inserts a full map refused."""
-        table = self.bpf[maps.UPDATE_FAILED]
+        table = self.table(maps.UPDATE_FAILED)
         return {name: int(table[ct.c_int(i)].value) for i, name in enumerate(abi.MAPS)}

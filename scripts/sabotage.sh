@@ -40,7 +40,7 @@ run tsc_number FAILED tests/test_abi.py tests/test_watch_qemu.py -k "generated o
 edit probes/qtrace.h $'    u32 changed;   // V_* bits: it differed\n    u32 pad;\n' \
   $'    u32 changed;   // V_* bits: it differed\n    u64 sabotage_extra;\n    u32 pad;\n    u32 pad2;\n'
 run event_field PASSED tests/test_abi.py tests/test_decoders.py tests/test_watch_qemu.py
-edit qtrace_bpf/program.py $'        while self._undo:\n            self._undo.pop()()\n' $'        self._undo.clear()\n'
+edit qtrace_bpf/attachments.py $'        while self._undo:\n            self._undo.pop()()\n' $'        self._undo.clear()\n'
 run no_detach FAILED tests/test_tracker.py tests/test_elfsym.py -k "forget_removes or inlined_instances"
 edit qtrace_bpf/maps.py 'PER_VM: tuple[str, ...] = (VCPU_FDS, ' 'PER_VM: tuple[str, ...] = ('
 run per_vm_map FAILED tests/test_abi.py
@@ -50,7 +50,7 @@ edit qtrace_bpf/binaries.py '        key, version = (st.st_dev, st.st_ino),' '  
 run file_key FAILED tests/test_host.py -k "copy_of_the_binary or reinstall"
 edit qtrace_bpf/tracker.py '                    subscriber(vm)' '                    pass'
 run carried FAILED tests/test_host.py -k "restarted_domain"
-edit qtrace_bpf/program.py '        if self.pins and not keep_pins:' '        if self.pins:'
+edit qtrace_bpf/pinned.py $'        if not keep_pins:\n' $'        if True:\n'
 run keep_pins FAILED tests/test_restart.py -k "survive"
 edit qtrace_bpf/pins.py 'bpfsys.link_prog_tag(old) == bpfsys.prog_tag(prog_fd)' 'True'
 run tag_check FAILED tests/test_restart.py -k "changed_program"
@@ -67,3 +67,9 @@ run debuginfod_verify FAILED tests/test_debuginfod.py -k "wrong"
 edit exporters/http.py '                for writer in list(self._writers):
                     writer.transport.abort()' '                pass'
 run http_close FAILED tests/test_http.py -k "quiet"
+edit qtrace_bpf/daemon.py '        self.stage = "loading the BPF program"' $'        import bcc  # noqa: F401\n        self.stage = "loading the BPF program"'
+run compiler_held FAILED tests/test_footprint.py -k "no_compiler"
+edit qtrace_bpf/loader.py '    if m is None or m.identity != want' '    if True or m is None or m.identity != want'
+run pins_reused FAILED tests/test_footprint.py -k "matching_pins"
+edit qtrace_bpf/daemon.py '    return soft, max(16, min(configured, soft - FD_RESERVE))' '    return soft, configured'
+run fd_cap FAILED tests/test_footprint.py -k "fd_limit"

@@ -344,11 +344,12 @@ def make_cert(tmp: Path, name: str = "srv", cn: str = "127.0.0.1") -> tuple[Path
 class DaemonProcess:
     """`qprobe daemon --config PATH` started, waited for (msg=tracing), its log kept."""
 
-    def __init__(self, config: Path, port: int, *args: str, env: dict | None = None):
+    def __init__(self, config: Path, port: int, *args: str, env: dict | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.port = port
         self.url = f"http://127.0.0.1:{port}/metrics"
         self.pin_root = f"{PIN_TEST_ROOT}/qtrace-test-{port}"
-        self.proc = popen([*QPROBE, "daemon", "--config", str(config), *args], cwd=ROOT,
+        self.proc = popen([*prefix, *QPROBE, "daemon", "--config", str(config), *args], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.log: list[str] = []
         ready = threading.Event()

@@ -116,6 +116,33 @@ def test_rawevent_offsets_match_qtrace_h(program, gcc, tmp_path):
     assert got == want
 
 
+@pytest.mark.parametrize("struct", sorted(abi.STRUCTS))
+def test_struct_layouts_read_from_qtrace_h_match_gcc(struct, gcc, tmp_path):
+    """The daemon reads maps and events with abi.STRUCTS (no BCC): gcc's offsetof and
+    sizeof of each struct agree with them."""
+    import ctypes as ct
+
+    cls = abi.STRUCTS[struct]
+    fields = [f[0] for f in cls._fields_]
+    body = "\n".join(f'printf("{f} %zu\\n", offsetof(struct {struct}, {f}));' for f in fields)
+    body += f'\nprintf("sizeof %zu\\n", sizeof(struct {struct}));'
+    got = {f: getattr(cls, f).offset for f in fields}
+    got["sizeof"] = ct.sizeof(cls)
+    assert got == gcc_print(gcc, tmp_path, body)
+
+
+def test_map_types_are_what_bcc_compiled(program):
+    """maps.TYPES (what the daemon opens pinned maps with) against BCC's Key and Leaf."""
+    import ctypes as ct
+
+    for name, (key, value) in maps.TYPES.items():
+        table = program.bpf[name]
+        for ours, theirs in ((abi.ctype(key), table.Key), (abi.ctype(value), table.Leaf)):
+            assert ct.sizeof(ours) == ct.sizeof(theirs), (name, ours, theirs)
+            assert [f[0] for f in getattr(ours, "_fields_", [])] == \
+                [f[0] for f in getattr(theirs, "_fields_", [])], name
+
+
 def test_every_map_keyed_by_vm_is_forgettable(program):
     """A map whose key starts with the VM id must be in maps.PER_VM (forget() deletes from
     those), and nothing else may be there."""

@@ -306,8 +306,17 @@ class LiveDaemon:
         return self.proc.wait(30)
 
 
+def status(url: str) -> tuple[int, str]:
+    try:
+        with get(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def test_metrics_answer_from_the_first_second(tmp_path):
-    """Served before the BPF program is even loaded: the self-metrics say what is going on."""
+    """Served before the BPF program is even loaded: the self-metrics say what is going on;
+    alive (/-/healthy 200) but not ready (/-/ready 503, and why) while it loads."""
     d = LiveDaemon(tmp_path)
     try:
         early = None
@@ -315,17 +324,22 @@ def test_metrics_answer_from_the_first_second(tmp_path):
         while early is None and not d.tracing.is_set():
             try:
                 early = get(f"http://127.0.0.1:{d.port}/metrics", timeout=2).read().decode()
+                alive = status(f"http://127.0.0.1:{d.port}/-/healthy")
+                ready = status(f"http://127.0.0.1:{d.port}/-/ready")
             except OSError:
                 assert time.monotonic() < deadline, "".join(d.log)
                 time.sleep(0.02)
         assert early is not None, "nothing served before tracing started"
         assert "qtrace_ready 0" in early and "qtrace_startup_info{stage=" in early, early
+        assert alive[0] == 200 and alive[1].startswith("alive: "), alive
+        assert ready[0] == 503 and ready[1].startswith("not ready: "), ready
         assert d.tracing.wait(60), "".join(d.log)
         late = get(f"http://127.0.0.1:{d.port}/metrics").read().decode()
         assert "qtrace_ready 1" in late and "process_resident_memory_bytes" in late
         assert "qtrace_build_info{" in late
-        health = get(f"http://127.0.0.1:{d.port}/-/healthy").read().decode()
-        assert health.startswith("ok: kernel hook"), health
+        assert status(f"http://127.0.0.1:{d.port}/-/healthy") == (200, "alive: tracing\n")
+        ready = status(f"http://127.0.0.1:{d.port}/-/ready")
+        assert ready[0] == 200 and ready[1].startswith("ok: kernel hook"), ready
     finally:
         assert d.stop() == 0, "".join(d.log)
 

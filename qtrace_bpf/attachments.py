@@ -1,0 +1,100 @@
+"""Programs held on perf events by BPF links, pinned when pins are on: each QEMU binary's
+uprobes (all or none), and the tracepoints of the kernel hook and of discovery.
+
+Why apart: the same attachments are made for a program BCC has just compiled (watch, the
+loader) and for one the daemon opened from its pins; only where a handler's program fd
+comes from differs.  Every link made pushes its undo; close() runs them in reverse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from . import bpfsys, perf_events
+from .binaries import AttachPlan
+from .errors import AttachError
+from .pins import PinDir
+
+Log = Callable[..., None]
+
+
+class Attachments:
+    def __init__(self, prog_fd: Callable[[str], int], pins: PinDir | None, log: Log):
+        self.prog_fd = prog_fd  # handler name (qt_entry_3, tp_sched_exec) -> program fd
+        self.pins = pins
+        self.log = log
+        self.uprobe_count = 0
+        self._undo: list[Callable[[], None]] = []
+
+    def link(self, fn_name: str, pin_name: str, open_event: Callable[[], int]) -> bool:
+        """Hold fn_name on a perf event through a BPF link, pinned when pins are on (an
+        identical program's pin is adopted as it is).  True when a new link was made."""
+        fd = self.prog_fd(fn_name)
+        kept = self.pins.adopt(pin_name, fd) if self.pins else None
+        if kept is not None:
+            self.hold(kept)
+            return False
+        perf = open_event()
+        try:
+            link = bpfsys.link(fd, perf)
+        finally:
+            os.close(perf)
+        self.hold(link)
+        if self.pins:
+            self.pins.pin(link, pin_name)
+        return True
+
+    def hold(self, fd: int) -> None:
+        """Keep fd open until close() (a link goes when its last fd and its pin go)."""
+        self._undo.append(lambda: os.close(fd))
+
+    def tracepoint(self, fn_name: str, category: str, name: str) -> None:
+        self.link(fn_name, f"tp-{name}", lambda: perf_events.tracepoint_event(category, name))
+
+    def kprobe(self, fn_name: str, function: str, retprobe: bool) -> None:
+        self.link(fn_name, f"{'kr' if retprobe else 'k'}-{function}",
+                  lambda: perf_events.kprobe_event(function, retprobe))
+
+    def attach_binary(self, plan: AttachPlan) -> None:
+        """Every uprobe of the plan, or none: a failure undoes this binary's attaches.
+        Links are named by the file (device, inode), offset and slot: a restarted daemon
+        finds its predecessor's and keeps them."""
+        mark = len(self._undo)
+        made: list[str] = []
+        dev, ino = plan.key
+        uprobes = plan.uprobes()
+        replaced = len(self.pins.replaced) if self.pins else 0
+        try:
+            for offset, slot, kind in uprobes:
+                pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}"
+                if self.link(f"qt_{kind}_{slot}", pin_name,
+                             lambda o=offset, r=(kind == "return"):
+                             perf_events.uprobe_event(plan.path, o, r)):
+                    made.append(pin_name)
+        except AttachError as exc:
+            self._undo_to(mark, made)
+            exc.args = (f"{plan.display}: {exc}",)
+            raise
+        except BaseException:
+            self._undo_to(mark, made)
+            raise
+        self.uprobe_count += len(uprobes)
+        self.log_replaced(replaced)
+
+    def log_replaced(self, since: int = 0) -> None:
+        for pin_name in (self.pins.replaced[since:] if self.pins else []):
+            self.log("pinned program differs from this one: replaced", level="warning",
+                     link=pin_name)
+
+    def _undo_to(self, mark: int, made_pins: list[str]) -> None:
+        while len(self._undo) > mark:
+            self._undo.pop()()
+        for pin_name in made_pins:
+            if self.pins:
+                self.pins.unpin(pin_name)
+
+    def close(self) -> None:
+        """Close every link fd, last first; safe to call twice."""
+        while self._undo:
+            self._undo.pop()()

@@ -1,0 +1,180 @@
+"""The short-lived loader: BCC compiles probes/qtrace.bpf.c, loads it, and pins its maps,
+its uprobe handlers and its kernel-hook links under one layout directory, says on stdout
+what it built (JSON), and exits.
+
+Why a separate process: the long-lived daemon must hold no compiler (libLLVM, libclang and
+libbcc are ~60 MB, used once).  A daemon start whose pins match this build (same sources,
+map sizes, catalog; the hook asked for) compiles nothing; any other start runs this again.
+Pins go with a reboot, so a new kernel always loads afresh.
+
+    python -m qtrace_bpf.loader --pin-dir DIR [--hook auto] [--max-vms N] [--max-vcpus N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import abi, bpfsys, hooks, loading
+from .catalog import Catalog, bpf_source, load_catalog
+from .errors import QtraceError
+from .pins import PinDir, remove_pins
+
+HANDLER_KINDS = ("entry", "return", "blind")
+Log = Callable[..., None]
+
+
+@dataclass
+class Manifest:
+    """What a load pinned, and what identifies it.  bpffs holds no plain files (and no '.'
+    in names): the loader says this on stdout, and a later start reads it back from the
+    name of the directory that holds the pinned handlers, progs/<identity>-<hook>-<bcc>."""
+
+    identity: str  # sources, sizes, catalog: equal identity, equal program
+    hook: str  # the kernel hook chosen
+    bcc: str = ""
+    refusals: dict[str, str] = field(default_factory=dict)  # hooks refused, and why
+    links: list[str] = field(default_factory=list)  # kernel-hook links pinned under links/
+    replaced: list[str] = field(default_factory=list)  # link pins of another program
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.identity}-{self.hook}-{self.bcc.replace('.', '_') or 'bcc'}"
+
+    @classmethod
+    def from_dir(cls, pin_dir: str, name: str) -> Manifest | None:
+        parts = name.split("-", 2)
+        if len(parts) != 3:
+            return None
+        links_dir = os.path.join(pin_dir, "links")
+        links = sorted(n for n in os.listdir(links_dir) if not n.startswith("u-")) \
+            if os.path.isdir(links_dir) else []
+        return cls(parts[0], parts[1], parts[2].replace("_", "."), links=links)
+
+
+def identity(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
+    """Everything the compiled bytes depend on but the hook (chosen at load)."""
+    h = hashlib.sha256()
+    for name in ("qtrace.bpf.c", abi.HEADER, "fentry_check.bpf.c"):
+        h.update(bpf_source(name).encode())
+    h.update(f"{max_vms}x{max_vcpus};".encode())
+    h.update("".join(f"{p.slot}:{p.action};" for p in catalog.probes).encode())
+    return h.hexdigest()[:16]
+
+
+def handlers(catalog: Catalog) -> list[str]:
+    """The uprobe handlers the daemon attaches with: one set per catalog slot."""
+    return [f"qt_{kind}_{p.slot}" for p in catalog.probes for kind in HANDLER_KINDS]
+
+
+def hooked(hook: str, links: list[str]) -> bool:
+    """Are the link pins of the kernel hook and of discovery all there?"""
+    have = set(links)
+    if not {"tp-sched_process_exec", "tp-sched_process_exit"} <= have:
+        return False
+    if hook == "tracepoint":
+        return {"tp-sys_enter_ioctl", "tp-sys_exit_ioctl"} <= have
+    if hook == "kprobe":
+        return {f"{k}-{fn}" for fn in hooks.KVM_FUNCS for k in ("k", "kr")} <= have
+    # fentry: BCC names the entry and exit programs (program.py pins them as f-<name>)
+    return sum(1 for n in have if n.startswith("f-")) >= 2 * len(hooks.KVM_FUNCS)
+
+
+def find(pin_dir: str, catalog: Catalog, want: str, hook: str | None) -> Manifest | None:
+    """The pinned program of this build, complete, if there is one."""
+    progs = os.path.join(pin_dir, "progs")
+    names = os.listdir(progs) if os.path.isdir(progs) else []
+    for name in names:
+        m = Manifest.from_dir(pin_dir, name)
+        if m is None or m.identity != want or hook not in (None, "", "auto", m.hook):
+            continue
+        have = set(os.listdir(os.path.join(progs, name)))
+        if set(handlers(catalog)) <= have and hooked(m.hook, m.links):
+            return m
+    return None
+
+
+def load(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
+         log: Log) -> Manifest:
+    """Compile, load, pin (this process ends right after)."""
+    from .program import QtraceProgram  # BCC: only here, never in the daemon
+
+    catalog = load_catalog()
+    pins = PinDir(pin_dir)
+    progs = os.path.join(pin_dir, "progs")
+    loading_dir = os.path.join(progs, "loading")  # renamed once whole
+    for name in os.listdir(progs) if os.path.isdir(progs) else []:
+        remove_pins(os.path.join(progs, name))  # another build's handlers, or half a load
+    prog = QtraceProgram(catalog, hook=hook, log=log, discovery=True, max_vms=max_vms,
+                         max_vcpus=max_vcpus, pins=pins)
+    try:
+        os.makedirs(loading_dir)
+        for name in handlers(catalog):
+            bpfsys.pin(prog.prog_fd(name), os.path.join(loading_dir, name))
+        manifest = Manifest(identity(catalog, max_vms, max_vcpus), prog.hook_mode,
+                            prog.bcc_version, prog.refusals, prog.hook_links,
+                            list(pins.replaced))
+        os.rename(loading_dir, os.path.join(progs, manifest.dirname))
+        return manifest
+    finally:
+        prog.close(keep_pins=True)
+
+
+def ensure(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
+           log: Log) -> tuple[Manifest, bool]:
+    """The pins of this build: found as they are, or made by a loader process.
+    Returns (manifest, True when the loader ran)."""
+    catalog = load_catalog()
+    want = identity(catalog, max_vms, max_vcpus)
+    found = find(pin_dir, catalog, want, hook)
+    if found is not None:
+        return found, False
+    log("running the BPF loader", reason="no complete program of this build pinned")
+    argv = [sys.executable, "-m", "qtrace_bpf.loader", "--pin-dir", pin_dir,
+            "--hook", hook or "auto", "--max-vms", str(max_vms), "--max-vcpus", str(max_vcpus),
+            "--log-level", logging.getLevelName(logging.getLogger("qtrace").getEffectiveLevel())]
+    # its own session: a terminal's Ctrl-C must not stop it halfway through pinning
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        answer = {"error": done.stdout.strip()}
+    if done.returncode != 0 or "error" in answer:
+        raise QtraceError(answer.get("error") or f"the BPF loader failed ({done.returncode})")
+    return Manifest(**answer), True
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .logfmt import Formatter, logger_fn
+
+    ap = argparse.ArgumentParser(prog="qtrace-loader", description=__doc__)
+    ap.add_argument("--pin-dir", required=True)
+    ap.add_argument("--hook", default="auto")
+    ap.add_argument("--max-vms", type=int, default=1024)
+    ap.add_argument("--max-vcpus", type=int, default=64)
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(Formatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    log = logger_fn(logging.getLogger("qtrace"))
+    try:
+        with loading.signals_held():  # a signal must not leave half a pin directory
+            made = load(args.pin_dir, args.hook, args.max_vms, args.max_vcpus, log)
+    except QtraceError as exc:
+        print(json.dumps({"error": str(exc)}))  # stdout: for the daemon
+        return 2
+    print(json.dumps(dataclasses.asdict(made)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
