@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qtrace_bpf import __version__, abi, decoders, maps
+from qtrace_bpf import __version__, abi, decoders, maps, revision
 from qtrace_bpf.catalog import Catalog
 
 from .exposition import OPENMETRICS, Family, SharedRender, render
@@ -160,8 +160,9 @@ class SelfCollector:
         stage.add_metric([d.stage], 1)
         yield stage
         build = GaugeMetricFamily("qtrace_build_info", "qtrace's version and what it runs on",
-                                  labels=["version", "python", "bcc", "kernel", "abi"])
-        build.add_metric([__version__, platform.python_version(),
+                                  labels=["version", "revision", "python", "bcc", "kernel",
+                                          "abi"])
+        build.add_metric([__version__, revision(), platform.python_version(),
                           getattr(d.prog, "bcc_version", "") if d.prog else "",
                           os.uname().release, str(abi.QTRACE_ABI_VERSION)], 1)
         yield build

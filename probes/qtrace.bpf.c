@@ -84,6 +84,21 @@ struct events_table_t {
 __attribute__((section("maps/" QT_PIN("ringbuf", events))))
 struct events_table_t events = {.max_entries = 64 * PAGE_SIZE};
 
+// The current task's ids (tgid << 32 | pid) as the daemon sees them.  In a PID namespace
+// that is not the host's (a container, a Kubernetes DaemonSet without hostPID), user space
+// passes that namespace's nsfs dev/inode: ids are then the namespace's own, and a task
+// outside it reads 0 (not ours: never tracked).
+static __always_inline u64 current_pid_tgid(void) {
+#ifdef QTRACE_PIDNS_INO
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(QTRACE_PIDNS_DEV, QTRACE_PIDNS_INO, &ns, sizeof(ns)))
+        return 0;
+    return ((u64)ns.tgid << 32) | ns.pid;
+#else
+    return bpf_get_current_pid_tgid();
+#endif
+}
+
 // An insert that a full map refused is counted, never silent.
 static __always_inline void failed(u32 map_id) {
     u64 *n = update_failed.lookup(&map_id);
@@ -172,6 +187,8 @@ static __always_inline void emit_simple(u32 kind, u32 vm, u32 tgid, u32 tid) {
 // Start tracking a QEMU process under a new kernel-numbered VM id; exec resets its state
 // (windows, vCPU fds and last values belong to the old id).
 static __always_inline void track_new(u32 tgid, u32 tid) {
+    if (!tgid)
+        return;  // outside the daemon's PID namespace
     // id = (this CPU's exec count << 10) | CPU: unique without atomics (this LLVM cannot
     // use fetch-and-add's result); 2^21 execs per CPU before an id (long forgotten) repeats.
     u32 zero = 0;
@@ -192,7 +209,7 @@ static __always_inline void track_new(u32 tgid, u32 tid) {
 static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
     if (_IOC_TYPE(cmd) != KVMIO)
         return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 pid_tgid = current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     struct proc_state *ps = procs.lookup(&tgid);
 #ifdef QTRACE_DISCOVERY
@@ -236,7 +253,7 @@ static __always_inline int ioctl_enter(u32 fd, u32 cmd, u64 arg) {
 }
 
 static __always_inline int ioctl_exit(s64 ret) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 pid_tgid = current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     struct inflight *p = inflight.lookup(&tid);
     if (!p)
@@ -375,7 +392,7 @@ static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct pro
 // not hold the arguments (cause and level are then unknown, never guessed).
 static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
                                     int trust_args) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 pid_tgid = current_pid_tgid();
     u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
     struct proc_state *ps = procs.lookup(&tgid);
     if (!ps)
@@ -463,13 +480,13 @@ int tp_sched_exec(void *ctx) {
     bpf_get_current_comm(&comm, sizeof(comm));
     if (!is_qemu_comm(comm))
         return 0;
-    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 pid_tgid = current_pid_tgid();
     track_new(pid_tgid >> 32, (u32)pid_tgid);
     return 0;
 }
 
 int tp_sched_exit(void *ctx) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 pid_tgid = current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     if ((u32)pid_tgid != tgid)
         return 0;  // a thread, not the process

@@ -8,7 +8,9 @@ comes from differs.  Every link made pushes its undo; close() runs them in rever
 
 from __future__ import annotations
 
+import errno
 import os
+import zlib
 from collections.abc import Callable
 
 from . import bpfsys, perf_events
@@ -20,26 +22,38 @@ Log = Callable[..., None]
 
 
 class Attachments:
-    def __init__(self, prog_fd: Callable[[str], int], pins: PinDir | None, log: Log):
+    """multi: uprobes as uprobe_multi links (one per binary and handler), for programs
+    loaded for them (loading.UPROBE_MULTI); else one perf event and link per uprobe."""
+
+    def __init__(self, prog_fd: Callable[[str], int], pins: PinDir | None, log: Log,
+                 multi: bool = False):
         self.prog_fd = prog_fd  # handler name (qt_entry_3, tp_sched_exec) -> program fd
         self.pins = pins
         self.log = log
+        self.multi = multi
         self.uprobe_count = 0
         self._undo: list[Callable[[], None]] = []
 
     def link(self, fn_name: str, pin_name: str, open_event: Callable[[], int]) -> bool:
         """Hold fn_name on a perf event through a BPF link, pinned when pins are on (an
         identical program's pin is adopted as it is).  True when a new link was made."""
+
+        def make(fd: int) -> int:
+            perf = open_event()
+            try:
+                return bpfsys.link(fd, perf)
+            finally:
+                os.close(perf)
+
+        return self._link(fn_name, pin_name, make)
+
+    def _link(self, fn_name: str, pin_name: str, make: Callable[[int], int]) -> bool:
         fd = self.prog_fd(fn_name)
         kept = self.pins.adopt(pin_name, fd) if self.pins else None
         if kept is not None:
             self.hold(kept)
             return False
-        perf = open_event()
-        try:
-            link = bpfsys.link(fd, perf)
-        finally:
-            os.close(perf)
+        link = make(fd)
         self.hold(link)
         if self.pins:
             self.pins.pin(link, pin_name)
@@ -66,7 +80,9 @@ class Attachments:
         uprobes = plan.uprobes()
         replaced = len(self.pins.replaced) if self.pins else 0
         try:
-            for offset, slot, kind in uprobes:
+            if self.multi:
+                made += self._multi(plan, uprobes)
+            for offset, slot, kind in ([] if self.multi else uprobes):
                 pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}"
                 if self.link(f"qt_{kind}_{slot}", pin_name,
                              lambda o=offset, r=(kind == "return"):
@@ -81,6 +97,32 @@ class Attachments:
             raise
         self.uprobe_count += len(uprobes)
         self.log_replaced(replaced)
+
+    def _multi(self, plan: AttachPlan, uprobes: list[tuple[int, int, str]]) -> list[str]:
+        """One uprobe_multi link per handler: its offsets in this file.  Pin names carry the
+        offsets' digest: another build of the file at the same inode is another link."""
+        by_handler: dict[tuple[int, str], list[int]] = {}
+        for offset, slot, kind in uprobes:
+            by_handler.setdefault((slot, kind), []).append(offset)
+        made = []
+        dev, ino = plan.key
+        for (slot, kind), offsets in sorted(by_handler.items()):
+            offsets = sorted(offsets)
+            digest = zlib.crc32(",".join(f"{o:x}" for o in offsets).encode())
+            pin_name = f"u-{dev}-{ino}-{slot}-{kind}-{digest:08x}"
+
+            def make(fd: int, offsets=offsets, ret=(kind == "return")) -> int:
+                try:
+                    return bpfsys.link_uprobe_multi(fd, plan.path, offsets, ret)
+                except OSError as exc:
+                    reason = "vanished" if exc.errno in (errno.ENOENT, errno.ESRCH) \
+                        else "attach_failed"
+                    raise AttachError(f"uprobes {plan.path}+{','.join(map(hex, offsets))}: "
+                                      f"{exc.strerror}", reason) from None
+
+            if self._link(f"qt_{kind}_{slot}", pin_name, make):
+                made.append(pin_name)
+        return made
 
     def log_replaced(self, since: int = 0) -> None:
         for pin_name in (self.pins.replaced[since:] if self.pins else []):

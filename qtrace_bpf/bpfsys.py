@@ -15,6 +15,10 @@ import os
 from .errors import QtraceError
 
 BPF_PERF_EVENT = 41  # enum bpf_attach_type
+BPF_TRACE_UPROBE_MULTI = 48
+BPF_F_UPROBE_MULTI_RETURN = 1
+BPF_LINK_CREATE = 28  # enum bpf_cmd
+NR_BPF = 321  # x86-64
 BPF_NOEXIST = 1  # map update flag: only if the key is absent
 
 _lib = ct.CDLL("libbpf.so.1", use_errno=True)
@@ -50,6 +54,37 @@ def link(prog_fd: int, perf_fd: int) -> int:
     return fd
 
 
+class _UprobeMultiAttr(ct.Structure):
+    """union bpf_attr's link_create, as far as uprobe_multi needs it (libbpf 1.1 predates
+    it); the tail stays zero, as the kernel requires."""
+
+    _fields_ = [("prog_fd", ct.c_uint32), ("target_fd", ct.c_uint32),
+                ("attach_type", ct.c_uint32), ("flags", ct.c_uint32), ("path", ct.c_uint64),
+                ("offsets", ct.c_uint64), ("ref_ctr_offsets", ct.c_uint64),
+                ("cookies", ct.c_uint64), ("cnt", ct.c_uint32), ("uflags", ct.c_uint32),
+                ("pid", ct.c_uint32), ("tail", ct.c_uint8 * 68)]
+
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+def link_uprobe_multi(prog_fd: int, path: str, offsets: list[int], retprobe: bool) -> int:
+    """One BPF link holding prog_fd on uprobes at these file offsets of `path`, every
+    process (kernel >= 6.6).  Needs CAP_BPF and CAP_PERFMON only, where a uprobe perf event
+    may need CAP_SYS_ADMIN; raises OSError with the errno."""
+    offs = (ct.c_uint64 * len(offsets))(*offsets)
+    cpath = ct.create_string_buffer(path.encode())
+    attr = _UprobeMultiAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_UPROBE_MULTI,
+                            path=ct.addressof(cpath), offsets=ct.addressof(offs),
+                            cnt=len(offsets),
+                            uflags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0)
+    fd = _libc.syscall(NR_BPF, BPF_LINK_CREATE, ct.byref(attr), ct.sizeof(attr))
+    if fd < 0:
+        err = ct.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
 def pin(fd: int, path: str) -> None:
     rc = _lib.bpf_obj_pin(fd, path.encode())
     if rc != 0:
@@ -71,6 +106,23 @@ class _LinkInfo(ct.Structure):
                 ("pad", ct.c_ubyte * 116)]
 
 
+def prog_id(prog_fd: int) -> int:
+    info = _ProgInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    if _lib.bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)) != 0:
+        return 0
+    return info.id
+
+
+def link_prog_id(link_fd: int) -> int:
+    """The id of the program a (pinned) link holds (no CAP_SYS_ADMIN needed)."""
+    info = _LinkInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    if _lib.bpf_obj_get_info_by_fd(link_fd, ct.byref(info), ct.byref(size)) != 0:
+        return 0
+    return info.prog_id
+
+
 def prog_tag(prog_fd: int) -> str:
     info = _ProgInfo()
     size = ct.c_uint32(ct.sizeof(info))
@@ -80,7 +132,8 @@ def prog_tag(prog_fd: int) -> str:
 
 
 def link_prog_tag(link_fd: int) -> str:
-    """The tag of the program a (pinned) link holds: equal tags, equal code."""
+    """The tag of the program a (pinned) link holds: equal tags, equal code ("" when it
+    cannot be read: BPF_PROG_GET_FD_BY_ID needs CAP_SYS_ADMIN)."""
     info = _LinkInfo()
     size = ct.c_uint32(ct.sizeof(info))
     if _lib.bpf_obj_get_info_by_fd(link_fd, ct.byref(info), ct.byref(size)) != 0:

@@ -187,8 +187,6 @@ def daemon(listen: str | None, config_path: str | None, web_config_file: str | N
         except QtraceError as exc:
             click.echo(f"qprobe: config error: {exc}", err=True)
             sys.exit(1)
-        for warning in cfg.warnings:
-            click.echo(f"qprobe: warning: {warning}", err=True)
         auth = f", basic auth for {len(cfg.web.users)} user(s)" if cfg.web.users else ""
         click.echo(f"config OK: listen {cfg.listen} ({'https' if cfg.web.tls else 'http'}{auth}), "
                    f"max_vms {cfg.max_vms}, kernel hook {cfg.kernel_hook}")
@@ -244,8 +242,14 @@ def demo(duration: float | None, as_json: bool) -> None:
       qprobe demo
       qprobe demo --json
     """
-    from .demo import run_demo
-
+    try:
+        from .demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("qemu"):
+            raise
+        raise QtraceError("the demo drives QEMU over QMP with qemu.qmp, which is not installed "
+                          "(not in Debian; development only): pip install 'qtrace-kvm[demo]'"
+                          ) from None
     sys.exit(run_demo(duration=duration, as_json=as_json))
 
 

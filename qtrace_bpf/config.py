@@ -7,6 +7,7 @@ upgrade), and `qprobe daemon --check-config` says all of it without attaching an
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from dataclasses import dataclass, field, replace
 
@@ -43,7 +44,6 @@ class Config:
     bpf_pin_root: str = "/sys/fs/bpf/qtrace"
     keep_on_exit: bool = True  # SIGTERM keeps the pins (restart, upgrade); false removes all
     web: WebConfig = field(default_factory=WebConfig)  # TLS and basic auth, from either
-    warnings: tuple[str, ...] = ()  # said at start (unknown keys)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -117,6 +117,12 @@ _KEYS = {
 _WEB_KEYS = ("tls", "basic_auth_users")  # TOML spelling of the web config's two parts
 
 
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, [*_KEYS, *_WEB_KEYS], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else \
+        f" (known: {', '.join(sorted((*_KEYS, *_WEB_KEYS)))})"
+
+
 def load_config(path: str | None, **overrides: object) -> Config:
     """Defaults, then the file, then non-None overrides (command-line flags)."""
     data: dict = {}
@@ -131,27 +137,31 @@ def load_config(path: str | None, **overrides: object) -> Config:
     data.update({k: v for k, v in overrides.items() if v is not None})
     where = f"config {path}" if path else "config"
     values: dict = {}
-    warnings = []
+    errors = []  # all of them, at once: an operator fixes a file in one go
     for key, value in data.items():
         if key in _WEB_KEYS:
             continue
         check = _KEYS.get(key)
         if check is None:
-            warnings.append(f"{where}: unknown key {key!r} ignored (known: "
-                            f"{', '.join(sorted((*_KEYS, *_WEB_KEYS)))})")
+            errors.append(f"unknown key {key!r}{_did_you_mean(key)}")
             continue
         try:
             values[key] = check(key, value)
         except QtraceError as exc:
-            raise QtraceError(f"{where}: {exc}") from None
+            errors.append(str(exc))
     web_file = values.get("web_config_file", "")
     if web_file and any(k in data for k in _WEB_KEYS):
-        raise QtraceError(f"{where}: web_config_file and [tls]/[basic_auth_users] both set: "
-                          "keep one")
-    if web_file:
-        values["web"] = load_web_config(web_file)
-    elif any(k in data for k in _WEB_KEYS):
-        values["web"] = parse_web_config({"tls_server_config": data.get("tls") or {},
-                                          "basic_auth_users": data.get("basic_auth_users") or {}},
-                                         where)
-    return replace(Config(), **values, warnings=tuple(warnings))
+        errors.append("web_config_file and [tls]/[basic_auth_users] both set: keep one")
+    try:
+        if web_file:
+            values["web"] = load_web_config(web_file)
+        elif any(k in data for k in _WEB_KEYS):
+            values["web"] = parse_web_config(
+                {"tls_server_config": data.get("tls") or {},
+                 "basic_auth_users": data.get("basic_auth_users") or {}}, where)
+    except QtraceError as exc:
+        errors.append(str(exc).removeprefix(f"{where}: "))
+    if errors:
+        raise QtraceError(f"{where}: " + "; ".join(errors) if len(errors) == 1 else
+                          f"{where}: {len(errors)} errors:\n  " + "\n  ".join(errors))
+    return replace(Config(), **values)

@@ -228,8 +228,6 @@ def run_daemon(cfg: Config) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(Formatter())
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
-    for warning in cfg.warnings:
-        log.warning(warning)
     signals = Signals()
     signals.install()
     started = time.monotonic()

@@ -26,14 +26,15 @@ class DemoQemu:
     def __init__(self, name: str = "qtrace-demo", *, smp: str = "1,maxcpus=4",
                  preconfig: bool = False, paused: bool = True, cpu: str | None = None,
                  extra: Sequence[str] = (), wrapper: Sequence[str] = (), memory: str = "128",
-                 qemu: str | None = None):
+                 qemu: str | None = None, tmp_root: str | None = None):
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise QtraceError("/dev/kvm is missing or not accessible: KVM is needed")
         exe = qemu or shutil.which(QEMU)
         if exe is None:
             raise QtraceError(f"{QEMU} not found (apt-get install qemu-system-x86)")
         self.name = name
-        self.dir = tempfile.mkdtemp(prefix="qtrace-vm-")
+        # tmp_root: where the QMP socket's directory goes (a path a wrapper sees too)
+        self.dir = tempfile.mkdtemp(prefix="qtrace-vm-", dir=tmp_root)
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
         self.argv = [
             *wrapper, exe, "-accel", "kvm", "-machine", "q35", "-m", memory, "-smp", smp,

@@ -18,6 +18,7 @@ the shared "alt" file.
 from __future__ import annotations
 
 import bisect
+import inspect
 import io
 import mmap
 import os
@@ -26,6 +27,11 @@ from collections.abc import Iterable, Iterator
 
 from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DwarfConfig, DWARFInfo
 from elftools.elf.elffile import ELFFile
+
+# pyelftools >= 0.30 takes .debug_types too (DWARF 4 type units; none here); 0.29 (Debian 12)
+# does not know the argument.
+_TYPES_SEC = {"debug_types_sec": None} \
+    if "debug_types_sec" in inspect.signature(DWARFInfo.__init__).parameters else {}
 
 _SECTIONS = (".debug_info", ".debug_aranges", ".debug_abbrev", ".debug_str", ".debug_line",
              ".debug_loc", ".debug_ranges", ".debug_addr", ".debug_str_offsets",
@@ -101,7 +107,7 @@ class DwarfFile:
             debug_line_str_sec=descs[".debug_line_str"],
             debug_loclists_sec=descs[".debug_loclists"],
             debug_rnglists_sec=descs[".debug_rnglists"], debug_sup_sec=None,
-            gnu_debugaltlink_sec=descs[".gnu_debugaltlink"], debug_types_sec=None)
+            gnu_debugaltlink_sec=descs[".gnu_debugaltlink"], **_TYPES_SEC)
         self._units: list[int] | None = None
         self.alt: DwarfFile | None = None
 

@@ -47,6 +47,13 @@ def btf_functions(names: tuple[str, ...]) -> set[str]:
     return found
 
 
+def uprobe_multi() -> bool:
+    """Can uprobes be attached as uprobe_multi links (kernel >= 6.6)?  They need CAP_BPF and
+    CAP_PERFMON only, so a non-root daemon can attach them; one link holds every offset of
+    a handler in a binary."""
+    return bool(btf_functions(("bpf_uprobe_multi_link_attach",)))
+
+
 def traceable_functions(names: tuple[str, ...]) -> set[str] | None:
     """Which of `names` kprobes may attach to (tracefs), or None when it cannot be read."""
     root = tracefs_root()

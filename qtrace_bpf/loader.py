@@ -40,6 +40,7 @@ class Manifest:
 
     identity: str  # sources, sizes, catalog: equal identity, equal program
     hook: str  # the kernel hook chosen
+    uprobes: str  # "multi" or "perf": how the uprobe handlers were loaded (loading.py)
     bcc: str = ""
     refusals: dict[str, str] = field(default_factory=dict)  # hooks refused, and why
     links: list[str] = field(default_factory=list)  # kernel-hook links pinned under links/
@@ -47,17 +48,18 @@ class Manifest:
 
     @property
     def dirname(self) -> str:
-        return f"{self.identity}-{self.hook}-{self.bcc.replace('.', '_') or 'bcc'}"
+        return (f"{self.identity}-{self.hook}-{self.uprobes}-"
+                f"{self.bcc.replace('.', '_') or 'bcc'}")
 
     @classmethod
     def from_dir(cls, pin_dir: str, name: str) -> Manifest | None:
-        parts = name.split("-", 2)
-        if len(parts) != 3:
+        parts = name.split("-", 3)
+        if len(parts) != 4:
             return None
         links_dir = os.path.join(pin_dir, "links")
         links = sorted(n for n in os.listdir(links_dir) if not n.startswith("u-")) \
             if os.path.isdir(links_dir) else []
-        return cls(parts[0], parts[1], parts[2].replace("_", "."), links=links)
+        return cls(parts[0], parts[1], parts[2], parts[3].replace("_", "."), links=links)
 
 
 def identity(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
@@ -65,7 +67,7 @@ def identity(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
     h = hashlib.sha256()
     for name in ("qtrace.bpf.c", abi.HEADER, "fentry_check.bpf.c"):
         h.update(bpf_source(name).encode())
-    h.update(f"{max_vms}x{max_vcpus};".encode())
+    h.update(f"{max_vms}x{max_vcpus};{loading.pid_namespace()};".encode())
     h.update("".join(f"{p.slot}:{p.action};" for p in catalog.probes).encode())
     return h.hexdigest()[:16]
 
@@ -94,7 +96,8 @@ def find(pin_dir: str, catalog: Catalog, want: str, hook: str | None) -> Manifes
     names = os.listdir(progs) if os.path.isdir(progs) else []
     for name in names:
         m = Manifest.from_dir(pin_dir, name)
-        if m is None or m.identity != want or hook not in (None, "", "auto", m.hook):
+        if m is None or m.identity != want or hook not in (None, "", "auto", m.hook) or \
+                m.uprobes != loading.uprobe_mode():
             continue
         have = set(os.listdir(os.path.join(progs, name)))
         if set(handlers(catalog)) <= have and hooked(m.hook, m.links):
@@ -120,7 +123,7 @@ def load(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
         for name in handlers(catalog):
             bpfsys.pin(prog.prog_fd(name), os.path.join(loading_dir, name))
         manifest = Manifest(identity(catalog, max_vms, max_vcpus), prog.hook_mode,
-                            prog.bcc_version, prog.refusals, prog.hook_links,
+                            prog.uprobes, prog.bcc_version, prog.refusals, prog.hook_links,
                             list(pins.replaced))
         os.rename(loading_dir, os.path.join(progs, manifest.dirname))
         return manifest

@@ -11,10 +11,31 @@ import signal
 import tempfile
 import threading
 
-from . import abi
+from . import abi, hooks
 from .preflight import resource_problem
 
 LOAD_ATTEMPTS = 4
+UPROBE_MULTI = 48  # BPF_TRACE_UPROBE_MULTI: the expected attach type of uprobe handlers
+
+
+def uprobe_mode() -> str:
+    """"multi" (uprobe_multi links, kernel >= 6.6: no CAP_SYS_ADMIN needed) or "perf" (a
+    perf event per uprobe).  QTRACE_UPROBES=perf forces the older path (tests use it)."""
+    forced = os.environ.get("QTRACE_UPROBES", "")
+    if forced in ("perf", "multi"):
+        return forced
+    return "multi" if hooks.uprobe_multi() else "perf"
+
+
+# The host's PID namespace (PROC_PID_INIT_INO): there BPF's own ids are ours.
+INIT_PIDNS_INO = 0xEFFFFFFC
+
+
+def pid_namespace() -> tuple[int, int] | None:
+    """(nsfs dev, inode) of this process's PID namespace when it is not the host's: the BPF
+    program then reports pids as this namespace numbers them (kernel >= 5.7)."""
+    st = os.stat("/proc/self/ns/pid")
+    return None if st.st_ino == INIT_PIDNS_INO else (st.st_dev, st.st_ino)
 
 
 def cflags(mode: str, *, discovery: bool = True, write_events: bool = True,
@@ -22,6 +43,9 @@ def cflags(mode: str, *, discovery: bool = True, write_events: bool = True,
     """How probes/qtrace.bpf.c is compiled for one kernel hook and one use."""
     flags = [f"-DQTRACE_HOOK_{mode.upper()}", f"-I{abi.include_dir()}",
              f"-DMAX_VMS={max_vms}", f"-DMAX_VCPUS={max_vcpus}", "-Wno-unused-function"]
+    ns = pid_namespace()
+    if ns:
+        flags += [f"-DQTRACE_PIDNS_DEV={ns[0]}ULL", f"-DQTRACE_PIDNS_INO={ns[1]}ULL"]
     if pin_dir:
         flags.append(f'-DQTRACE_PIN_DIR="{pin_dir}/maps"')
     if discovery:

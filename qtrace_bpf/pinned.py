@@ -38,7 +38,7 @@ class PinnedProgram(RunningProgram):
         self.refusals = dict(manifest.refusals)  # known only when the loader just ran
         self.bcc_version = manifest.bcc
         self._fds: dict[str, int] = {}
-        self.links = Attachments(self._prog_fd, pins, self.log)
+        self.links = Attachments(self._prog_fd, pins, self.log, manifest.uprobes == "multi")
         try:
             for name in manifest.links:
                 pins.claim(name)  # the loader's kernel-hook links: never pruned

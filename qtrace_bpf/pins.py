@@ -16,6 +16,7 @@ import os
 
 from . import abi, bpfsys
 from .catalog import Catalog
+from .errors import QtraceError
 
 BPFFS_MAGIC = 0xCAFE4A11
 
@@ -63,6 +64,17 @@ def remove_pins(root: str) -> list[str]:
     return removed
 
 
+def same_program(link_fd: int, prog_fd: int) -> bool:
+    """Does the pinned link hold this program: the very object (a daemon restarted on its
+    loader's pins), or the same code (a program compiled again: equal tags; reading the
+    link's program needs CAP_SYS_ADMIN, so a non-root daemon only has the first)."""
+    linked = bpfsys.link_prog_id(link_fd)
+    if linked and linked == bpfsys.prog_id(prog_fd):
+        return True
+    tag = bpfsys.link_prog_tag(link_fd)
+    return bool(tag) and tag == bpfsys.prog_tag(prog_fd)
+
+
 class PinDir:
     """One layout's directory: maps/ (BCC pins them at load) and links/ (pinned here)."""
 
@@ -70,8 +82,13 @@ class PinDir:
         self.path = path
         self.maps = os.path.join(path, "maps")
         self.links = os.path.join(path, "links")
-        os.makedirs(self.maps, exist_ok=True)
-        os.makedirs(self.links, exist_ok=True)
+        try:
+            os.makedirs(self.maps, exist_ok=True)
+            os.makedirs(self.links, exist_ok=True)
+        except OSError as exc:
+            raise QtraceError(f"cannot make the pin directory {path}: {exc.strerror} (a unit "
+                              "needs ReadWritePaths= on it, and no ProtectKernelTunables=, "
+                              "which makes /sys/fs/bpf read-only)") from None
         self.carried = bool(os.listdir(self.maps))  # counters of a previous daemon continue
         self.kept: list[str] = []  # link pins adopted as they were
         self.replaced: list[str] = []  # link pins of another program, replaced
@@ -84,7 +101,7 @@ class PinDir:
         if not os.path.exists(path):
             return None
         old = bpfsys.get_pinned(path)
-        if old is not None and bpfsys.link_prog_tag(old) == bpfsys.prog_tag(prog_fd):
+        if old is not None and same_program(old, prog_fd):
             self._claimed.add(pin_name)
             self.kept.append(pin_name)
             return old

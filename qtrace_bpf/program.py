@@ -54,7 +54,8 @@ class QtraceProgram(RunningProgram):
         self.hook_links: list[str] = []  # pin names of the kernel hook's and discovery's links
         self.bpf = None
         self.maps: VmMaps | None = None
-        self.links = Attachments(self.prog_fd, pins, self.log)
+        self.uprobes = loading.uprobe_mode()  # how uprobe handlers are loaded and attached
+        self.links = Attachments(self.prog_fd, pins, self.log, self.uprobes == "multi")
         try:
             self._open(hook)
             self._configure()
@@ -158,7 +159,9 @@ class QtraceProgram(RunningProgram):
     def prog_fd(self, name: str) -> int:
         """The fd of a handler of the compiled program (loaded on first use)."""
         kind = self.bcc.BPF.TRACEPOINT if name.startswith("tp_") else self.bcc.BPF.KPROBE
-        return self.bpf.load_func(name.encode(), kind).fd
+        multi = self.uprobes == "multi" and name.startswith("qt_")
+        return self.bpf.load_func(name.encode(), kind, None,
+                                  loading.UPROBE_MULTI if multi else -1).fd
 
     def _map(self, name: str) -> bpfsys.Map:
         key, value = maps.TYPES[name]

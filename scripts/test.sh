@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the whole test suite: lint, unit tests on gcc-built ELF
-# fixtures, and integration tests on real QEMU/KVM VMs.  Extra args go to pytest.
+# Set up (idempotent) and run the whole test suite: lint, the unit tests on Debian 12's
+# Python packages, then everything (unit tests on gcc-built ELF fixtures, integration tests
+# on real QEMU/KVM VMs, the Debian package under a real systemd).  Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,4 +13,6 @@ else
   echo "test: the upstream QEMU build failed: its scenarios skip (and fail under CI)" >&2
 fi
 .venv/bin/ruff check .
+# The unit tests once more on Debian 12's own Python packages (what the .deb runs on).
+bash scripts/test-debian-deps.sh -q
 exec .venv/bin/python -m pytest -ra "$@"

@@ -33,10 +33,37 @@ def qmp_resets(vm: DemoQemu) -> Counter:
     return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
 
 
-def start(tmp: Path, port: int, *, prefix: tuple[str, ...] = (), **cfg: object) -> DaemonProcess:
+def start(tmp: Path, port: int, *, prefix: tuple[str, ...] = (), env: dict | None = None,
+          **cfg: object) -> DaemonProcess:
     path = tmp / f"qtrace-{port}.toml"
     path.write_text(daemon_toml(port, **{"rescan_interval": 1, **cfg}))
-    return DaemonProcess(path, port, prefix=prefix)
+    return DaemonProcess(path, port, prefix=prefix, env=env)
+
+
+@pytest.mark.parametrize("uprobes", ["multi", "perf"])
+def test_uprobes_count_the_same_either_way(tmp_path, uprobes):
+    """uprobe_multi links (kernel >= 6.6, what runs here by default) and one perf event per
+    uprobe (older kernels): resets equal QMP's, and the links are of the kind asked for."""
+    import json
+    import subprocess
+
+    check_kvm()
+    d = start(tmp_path, free_port(), env={"QTRACE_UPROBES": uprobes})
+    try:
+        with DemoQemu(f"uprobes-{uprobes}") as vm:
+            vm.cmd("cont")
+            time.sleep(0.3)
+            vm.cmd("system_reset")
+            time.sleep(0.5)
+            want = dict(qmp_resets(vm))
+            want.pop("none", None)
+            d.wait_for(lambda m: resets(m, f"uprobes-{uprobes}") == want and m)
+        links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"],
+                                          capture_output=True, text=True).stdout or "[]")
+        types = {lk.get("type") for lk in links}
+        assert ("uprobe_multi" in types) == (uprobes == "multi"), types
+    finally:
+        assert d.stop() == 0, "".join(d.log)
 
 
 def test_the_daemon_maps_no_compiler_while_it_counts_a_new_vm(tmp_path):

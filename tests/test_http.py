@@ -30,6 +30,8 @@ from conftest import (
 from qtrace_bpf.exporters.http import Limits, Server, make_app
 from qtrace_bpf.exporters.webconfig import WebConfig
 
+from qtrace_bpf import revision
+
 ACCEPT_OM = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
              "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")  # Prometheus'
 
@@ -262,12 +264,19 @@ def test_bad_config_is_a_clear_error(tmp_path, text, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_check_config_warns_about_unknown_keys_and_passes(tmp_path):
+def test_check_config_reports_every_error_at_once(tmp_path):
+    """An unknown key is an error (with a did-you-mean), and all errors come in one go."""
     cfg = tmp_path / "q.toml"
-    cfg.write_text('colour = "blue"\nlisten = "127.0.0.1:10999"\n')
+    cfg.write_text('max_vm = 10\ncolour = "blue"\nmax_vcpus_per_vm = 0\n'
+                   'listen = "127.0.0.1:10999"\n')
     r = daemon_cmd("--config", str(cfg), "--check-config")
-    assert r.returncode == 0 and "unknown key 'colour' ignored" in r.stderr
-    assert "config OK: listen 127.0.0.1:10999" in r.stdout
+    assert r.returncode == 1 and "3 errors" in r.stderr, r.stderr
+    assert "unknown key 'max_vm' (did you mean 'max_vms'?)" in r.stderr, r.stderr
+    assert "unknown key 'colour' (known: " in r.stderr, r.stderr
+    assert "max_vcpus_per_vm = 0: out of range" in r.stderr, r.stderr
+    cfg.write_text('listen = "127.0.0.1:10999"\n')
+    r = daemon_cmd("--config", str(cfg), "--check-config")
+    assert r.returncode == 0 and "config OK: listen 127.0.0.1:10999" in r.stdout
     shipped = daemon_cmd("--config", str(ROOT / "systemd" / "qtrace.toml"), "--check-config")
     assert shipped.returncode == 0, shipped.stderr
 
@@ -336,7 +345,7 @@ def test_metrics_answer_from_the_first_second(tmp_path):
         assert d.tracing.wait(60), "".join(d.log)
         late = get(f"http://127.0.0.1:{d.port}/metrics").read().decode()
         assert "qtrace_ready 1" in late and "process_resident_memory_bytes" in late
-        assert "qtrace_build_info{" in late
+        assert "qtrace_build_info{" in late and f'revision="{revision()}"' in late
         assert status(f"http://127.0.0.1:{d.port}/-/healthy") == (200, "alive: tracing\n")
         ready = status(f"http://127.0.0.1:{d.port}/-/ready")
         assert ready[0] == 200 and ready[1].startswith("ok: kernel hook"), ready

@@ -91,3 +91,23 @@ def test_promtool_check_and_unit_tests():
     tested = set(re.findall(r"alertname: (\w+)", (PROM / "qtrace-alerts.test.yml").read_text()))
     defined = set(re.findall(r"- alert: (\w+)", (PROM / "qtrace-alerts.yml").read_text()))
     assert defined == tested  # every alert has unit tests
+
+
+def test_every_alert_has_a_runbook_section_in_the_readme():
+    """runbook_url anchors name README headings (GitHub's slugs: lower case, no spaces)."""
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load((PROM / "qtrace-alerts.yml").read_text())
+    urls = {r["alert"]: r.get("annotations", {}).get("runbook_url")
+            for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    exporter = [g for g in rules["groups"] if g["name"] == "qtrace-exporter"][0]
+    assert {"QtraceDown", "QtraceNotReady", "QtraceMapFull", "QtraceAttachErrors",
+            "QtraceCountingGap"} <= {r["alert"] for r in exporter["rules"]}
+    slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.+)$", (ROOT / "README.md").read_text(), re.M)}
+    for alert in (r["alert"] for r in exporter["rules"]):
+        url = urls[alert]
+        assert url and url.startswith("README.md#"), alert
+        assert url.split("#", 1)[1] in slugs, (alert, url)
