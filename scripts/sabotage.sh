@@ -77,3 +77,8 @@ edit qtrace_bpf/daemon.py '    return soft, max(16, min(configured, soft - FD_RE
 run fd_cap FAILED tests/test_footprint.py -k "fd_limit"
 edit qtrace_bpf/loading.py '    return None if st.st_ino == INIT_PIDNS_INO else (st.st_dev, st.st_ino)' '    return None'
 run pidns FAILED tests/test_pidns.py -k "counts_its_vms"
+edit debian/qtrace.prerm '    /usr/bin/qprobe cleanup --config /etc/qtrace/qtrace.toml >/dev/null 2>&1 || \' '    true || \'
+edit debian/qtrace.prerm '        /usr/bin/qprobe cleanup >/dev/null 2>&1 || true' '        true'
+run purge_cleanup FAILED tests/test_systemd.py
+edit systemd/qtrace.service 'User=qtrace' 'User=root'
+run non_root FAILED tests/test_systemd.py -k "apt_install"

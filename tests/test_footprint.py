@@ -61,7 +61,8 @@ def test_uprobes_count_the_same_either_way(tmp_path, uprobes):
         links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"],
                                           capture_output=True, text=True).stdout or "[]")
         types = {lk.get("type") for lk in links}
-        assert ("uprobe_multi" in types) == (uprobes == "multi"), types
+        multi = {"uprobe_multi", 12}  # BPF_LINK_TYPE_UPROBE_MULTI: bpftool 7.1 has no name
+        assert bool(types & multi) == (uprobes == "multi"), types
     finally:
         assert d.stop() == 0, "".join(d.log)
 
