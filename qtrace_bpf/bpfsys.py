@@ -106,39 +106,38 @@ class _LinkInfo(ct.Structure):
                 ("pad", ct.c_ubyte * 116)]
 
 
-def prog_id(prog_fd: int) -> int:
-    info = _ProgInfo()
+def _info(fd: int, cls: type):
+    """BPF_OBJ_GET_INFO_BY_FD into a cls (a program's or a link's), or None."""
+    info = cls()
     size = ct.c_uint32(ct.sizeof(info))
-    if _lib.bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)) != 0:
-        return 0
-    return info.id
+    if _lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)) != 0:
+        return None
+    return info
+
+
+def prog_id(prog_fd: int) -> int:
+    info = _info(prog_fd, _ProgInfo)
+    return info.id if info else 0
 
 
 def link_prog_id(link_fd: int) -> int:
     """The id of the program a (pinned) link holds (no CAP_SYS_ADMIN needed)."""
-    info = _LinkInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    if _lib.bpf_obj_get_info_by_fd(link_fd, ct.byref(info), ct.byref(size)) != 0:
-        return 0
-    return info.prog_id
+    info = _info(link_fd, _LinkInfo)
+    return info.prog_id if info else 0
 
 
 def prog_tag(prog_fd: int) -> str:
-    info = _ProgInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    if _lib.bpf_obj_get_info_by_fd(prog_fd, ct.byref(info), ct.byref(size)) != 0:
-        return ""
-    return bytes(info.tag).hex()
+    info = _info(prog_fd, _ProgInfo)
+    return bytes(info.tag).hex() if info else ""
 
 
 def link_prog_tag(link_fd: int) -> str:
     """The tag of the program a (pinned) link holds: equal tags, equal code ("" when it
     cannot be read: BPF_PROG_GET_FD_BY_ID needs CAP_SYS_ADMIN)."""
-    info = _LinkInfo()
-    size = ct.c_uint32(ct.sizeof(info))
-    if _lib.bpf_obj_get_info_by_fd(link_fd, ct.byref(info), ct.byref(size)) != 0:
+    linked = link_prog_id(link_fd)
+    if not linked:
         return ""
-    prog = _lib.bpf_prog_get_fd_by_id(info.prog_id)
+    prog = _lib.bpf_prog_get_fd_by_id(linked)
     if prog < 0:
         return ""
     try:

@@ -33,6 +33,17 @@ def qmp_resets(vm: DemoQemu) -> Counter:
     return Counter(e["data"]["reason"] for e in vm.collect_events() if e["event"] == "RESET")
 
 
+def run_and_reset(vm: DemoQemu) -> dict[str, int]:
+    """Start the VM, reset it over QMP once: the resets QMP reported (boot's aside)."""
+    vm.cmd("cont")
+    time.sleep(0.3)
+    vm.cmd("system_reset")
+    time.sleep(0.5)
+    want = dict(qmp_resets(vm))
+    want.pop("none", None)
+    return want
+
+
 def start(tmp: Path, port: int, *, prefix: tuple[str, ...] = (), env: dict | None = None,
           **cfg: object) -> DaemonProcess:
     path = tmp / f"qtrace-{port}.toml"
@@ -51,12 +62,7 @@ def test_uprobes_count_the_same_either_way(tmp_path, uprobes):
     d = start(tmp_path, free_port(), env={"QTRACE_UPROBES": uprobes})
     try:
         with DemoQemu(f"uprobes-{uprobes}") as vm:
-            vm.cmd("cont")
-            time.sleep(0.3)
-            vm.cmd("system_reset")
-            time.sleep(0.5)
-            want = dict(qmp_resets(vm))
-            want.pop("none", None)
+            want = run_and_reset(vm)
             d.wait_for(lambda m: resets(m, f"uprobes-{uprobes}") == want and m)
         links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"],
                                           capture_output=True, text=True).stdout or "[]")
@@ -73,12 +79,7 @@ def test_the_daemon_maps_no_compiler_while_it_counts_a_new_vm(tmp_path):
     try:
         assert any("running the BPF loader" in ln for ln in d.log), "".join(d.log)
         with DemoQemu("no-compiler") as vm:
-            vm.cmd("cont")
-            time.sleep(0.3)
-            vm.cmd("system_reset")
-            time.sleep(0.5)
-            want = dict(qmp_resets(vm))
-            want.pop("none", None)
+            want = run_and_reset(vm)
             m = d.wait_for(lambda m: resets(m, "no-compiler") == want and m)
             assert samples(m, "qtrace_kvm_state_writes_total", vm="no-compiler")
             assert compilers_mapped(d.proc.pid) == set(), "the daemon maps a compiler"
