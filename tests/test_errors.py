@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 import pytest
@@ -71,11 +70,17 @@ def test_no_permission(paused_vm, nothing_left):
 
 
 def test_bcc_missing(paused_vm, nothing_left):
-    """The same interpreter with Debian's dist-packages (where BCC lives) taken away."""
-    venv_site = sysconfig.get_paths()["purelib"]
-    code = ("import sys; sys.path = [p for p in sys.path if 'dist-packages' not in p]; "
-            f"sys.path.insert(0, {venv_site!r}); sys.path.insert(0, {str(ROOT)!r}); "
-            "from qtrace_bpf.cli import main; main(prog_name='qprobe')")
+    """The same interpreter, with only BCC made unimportable (the other dependencies may
+    come from Debian's dist-packages too, where BCC lives)."""
+    code = ("import sys\n"
+            "class NoBcc:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'bcc' or name.startswith('bcc.'):\n"
+            "            raise ModuleNotFoundError(\"No module named 'bcc'\", name='bcc')\n"
+            "sys.meta_path.insert(0, NoBcc())\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "from qtrace_bpf.cli import main\n"
+            "main(prog_name='qprobe')\n")
     r = qprobe("watch", str(paused_vm.pid), python=[sys.executable, "-c", code])
     assert_clean_error(r, "BCC is not installed")
     assert "python3-bpfcc" in r.stderr
