@@ -125,6 +125,7 @@ class VmCollector:
             "after a QMP system_reset): subtract them to get the unexpected ones",
             "counter", ("vm", "cause"),
             {(n, c): resets.get((n, c, "1"), 0) for n in names for c in UNEXPECTED_CAUSES}))
+        out += self._values(vms)
         out.append(Family(
             "qtrace_vm_info", "One series per traced VM, value 1", "gauge",
             ("vm", "pid", "uuid", "qemu_version", "build_id"),
@@ -132,6 +133,21 @@ class VmCollector:
              for vm in vms.values()}))
         self.last_seconds = time.perf_counter() - started
         return out
+
+    def _values(self, vms: dict) -> list[Family]:
+        """The last TSC frequency and APIC base QEMU wrote per vCPU (successful writes:
+        the BPF C keeps them in last_val).  A value is never a label."""
+        gauges = {"tsc_khz": Family("qtrace_vcpu_tsc_khz", "The TSC frequency (kHz) QEMU last "
+                                    "set with KVM_SET_TSC_KHZ", "gauge", ("vm", "vcpu")),
+                  "apic_base": Family("qtrace_vcpu_apic_base", "The IA32_APIC_BASE value QEMU "
+                                      "last wrote (SET_SREGS/SREGS2, MSR 0x1b): BSP bit 8, "
+                                      "x2APIC bit 10, enable bit 11", "gauge", ("vm", "vcpu"))}
+        for key, value in self.daemon.prog.maps.items(maps.LAST_VAL):
+            vm = vms.get(key.vm)
+            fam = gauges.get(decoders.value(key.which))
+            if vm is not None and fam is not None and key.vcpu >= 0:
+                fam.samples[(vm.name, str(key.vcpu))] = float(value)
+        return list(gauges.values())
 
     def collect(self) -> Iterator[Metric]:
         """The same families through prometheus_client (its registry, its renderer)."""
@@ -231,7 +247,7 @@ class SelfCollector:
         decode = CounterMetricFamily("qtrace_decode_errors",
                                      "Numbers from the kernel with no name (shown as placeholders)",
                                      labels=["field"])
-        for field in ("phase", "ioctl", "cause", "probe"):
+        for field in ("phase", "ioctl", "cause", "probe", "value"):
             decode.add_metric([field], decoders.DECODE_ERRORS[field])
         yield decode
         yield GaugeMetricFamily("qtrace_tracked_vms", "VMs being traced now",

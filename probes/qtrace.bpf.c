@@ -63,6 +63,7 @@ QT_HASH(u32, u32, thread_level, MAX_THREADS, 0);                      // tid -> 
 QT_HASH(u32, struct inflight, inflight, MAX_THREADS, 0);              // tid -> ioctl in flight
 QT_HASH(struct vcpu_key, s32, vcpu_fds, MAX_VCPU_ROWS, BPF_F_NO_PREALLOC);
 QT_HASH(struct val_key, u64, last_val, MAX_VCPU_ROWS * NVALS, BPF_F_NO_PREALLOC);
+QT_HASH(struct val_key, u64, value_changes, MAX_VCPU_ROWS * NVALS, BPF_F_NO_PREALLOC);
 QT_HASH(struct count_key, u64, write_counts, MAX_VCPU_ROWS * 48, BPF_F_NO_PREALLOC);
 QT_HASH(struct err_key, u64, error_counts, MAX_VMS * 32, BPF_F_NO_PREALLOC);
 QT_HASH(struct lc_key, u64, lifecycle_counts, MAX_VMS * MAX_SLOTS, BPF_F_NO_PREALLOC);
@@ -283,8 +284,12 @@ static __always_inline int ioctl_exit(s64 ret) {
             u64 *prev = last_val.lookup(&vk);
             if (prev) {
                 known |= 1 << i;
-                if (*prev != in.vals[i])
+                if (*prev != in.vals[i]) {
                     changed |= 1 << i;
+                    if (i == V_APIC_BASE || i == V_TSC_KHZ)  // exported changes
+                        count_or_fail(value_changes.lookup_or_try_init(&vk, &zero64),
+                                      M_VALUE_CHANGES);
+                }
             }
             if (last_val.update(&vk, &in.vals[i]) < 0)
                 failed(M_LAST_VAL);

@@ -8,7 +8,7 @@
 #define QTRACE_H
 
 // Bumped on any change to a struct below: the layout of what the maps hold.
-#define QTRACE_ABI_VERSION 4
+#define QTRACE_ABI_VERSION 5
 
 // Lifecycle phase of a state write; names in user space are the lower-case suffix.
 enum phase { PH_BOOT = 0, PH_RESET = 1, PH_HOTPLUG = 2, PH_MIGRATION = 3, PH_RUNTIME = 4 };
@@ -100,7 +100,7 @@ struct vcpu_key {     // vcpu_fds: this -> vCPU id
     u32 fd;
 };
 
-struct val_key {      // last_val: this -> last value QEMU wrote
+struct val_key {      // last_val: this -> last value QEMU wrote; value_changes: -> count
     u32 vm;
     s32 vcpu;
     u32 which;        // V_*
@@ -133,8 +133,9 @@ struct reset_key {    // reset_counts
 enum map_id {
     M_PROCS = 0, M_VCPU_FDS = 1, M_LAST_VAL = 2, M_WRITE_COUNTS = 3, M_ERROR_COUNTS = 4,
     M_LIFECYCLE_COUNTS = 5, M_RESET_COUNTS = 6, M_INFLIGHT = 7, M_THREAD_LEVEL = 8,
+    M_VALUE_CHANGES = 9,
 };
-#define NMAPS 9
+#define NMAPS 10
 
 struct event {
     u64 ts;

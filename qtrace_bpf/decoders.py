@@ -45,6 +45,14 @@ def reset_cause(value: int) -> tuple[str, bool]:
     return cause(value & ~abi.FOLLOWUP_FLAG), bool(value & abi.FOLLOWUP_FLAG)
 
 
+def value(which: int) -> str:
+    """A V_* slot -> its name (apic_base, tsc_khz, ...)."""
+    if 0 <= which < len(abi.VALUES):
+        return abi.VALUES[which]
+    DECODE_ERRORS["value"] += 1
+    return f"value-{which}"
+
+
 def vcpu(value: int) -> int | None:
     """-1 marks a VM-wide ioctl (no vCPU)."""
     return value if value >= 0 else None

@@ -69,6 +69,13 @@ LIFECYCLE = CounterMap(
     lambda k, c: {"event": decoders.event_name(k.probe, c)},
     ("event",), lambda r: (r["event"],),
     "qtrace_lifecycle_events", "QEMU lifecycle functions entered (uprobes)")
+# Changes of the values the BPF C counts them for (V_APIC_BASE, V_TSC_KHZ).
+VALUE_CHANGES = CounterMap(
+    "value_changes",
+    lambda k, _c: {"vcpu": decoders.vcpu(k.vcpu), "what": decoders.value(k.which)},
+    ("vcpu", "what"), lambda r: (VM_WIDE if r["vcpu"] is None else str(r["vcpu"]), r["what"]),
+    "qtrace_state_value_changes",
+    "Writes that changed a value QEMU had written for the vCPU (tsc_khz, apic_base)")
 RESETS = CounterMap(
     "reset_counts",
     lambda k, _c: dict(zip(("cause", "following_host"), decoders.reset_cause(k.cause),
@@ -76,7 +83,7 @@ RESETS = CounterMap(
     ("cause", "following_host"),
     lambda r: (r["cause"], "1" if r["following_host"] else ""))
 
-COUNTERS: tuple[CounterMap, ...] = (WRITES, ERRORS, LIFECYCLE, RESETS)
+COUNTERS: tuple[CounterMap, ...] = (WRITES, ERRORS, LIFECYCLE, VALUE_CHANGES, RESETS)
 
 # Key and value types by their C names (abi.ctype); the same as the QT_HASH/QT_ARRAY lines
 # of qtrace.bpf.c (tests/test_abi.py compares them with BCC's compile).
@@ -85,6 +92,7 @@ TYPES: dict[str, tuple[str, str]] = {
     PROBE_CFG: ("int", "probe_cfg"), WATCHED: ("u32", "u32"), EVENTS_LOST: ("int", "u64"),
     UPDATE_FAILED: ("int", "u64"), WRITES.name: ("count_key", "u64"),
     ERRORS.name: ("err_key", "u64"), LIFECYCLE.name: ("lc_key", "u64"),
+    VALUE_CHANGES.name: ("val_key", "u64"),
     RESETS.name: ("reset_key", "u64"),
 }
 
