@@ -54,6 +54,23 @@ def check_kvm() -> None:
             "apt-get install seabios")
 
 
+def host_tsc_khz() -> int:
+    """The host's TSC kHz (KVM_GET_TSC_KHZ on a scratch vCPU): no TSC scaling in nested KVM,
+    so a VM can only be given this frequency."""
+    import fcntl
+
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        vm = fcntl.ioctl(kvm, 0xAE01, 0)  # KVM_CREATE_VM
+        vcpu = fcntl.ioctl(vm, 0xAE41, 0)  # KVM_CREATE_VCPU
+        khz = fcntl.ioctl(vcpu, 0xAEA3, 0)  # KVM_GET_TSC_KHZ
+        os.close(vcpu)
+        os.close(vm)
+        return khz
+    finally:
+        os.close(kvm)
+
+
 def upstream_qemu() -> str | None:
     """The upstream QEMU that scripts/build-qemu.sh built and cached (test.sh exports it)."""
     path = os.environ.get("QTRACE_UPSTREAM_QEMU")

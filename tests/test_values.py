@@ -3,33 +3,17 @@ a write changed them, as the daemon exports them, against what strace saw QEMU p
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
 import time
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, check_kvm, daemon_toml, free_port, samples
+from conftest import DaemonProcess, check_kvm, daemon_toml, free_port, host_tsc_khz, samples
 from strace_count import strace_argv
 
 from qtrace_bpf.demo_qemu import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
-
-
-def host_tsc_khz() -> int:
-    """No TSC scaling in nested KVM: a VM can only be given the host's own frequency."""
-    kvm = os.open("/dev/kvm", os.O_RDWR)
-    try:
-        vm = fcntl.ioctl(kvm, 0xAE01, 0)
-        vcpu = fcntl.ioctl(vm, 0xAE41, 0)
-        khz = fcntl.ioctl(vcpu, 0xAEA3, 0)  # KVM_GET_TSC_KHZ
-        os.close(vcpu)
-        os.close(vm)
-        return khz
-    finally:
-        os.close(kvm)
 
 
 def strace_tsc_khz(path: Path) -> dict[int, int]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import subprocess
 import time
 from collections import Counter, defaultdict
 
 import pytest
-from conftest import Watcher, added, bpf_state, check_kvm, wait_settled
+from conftest import Watcher, added, bpf_state, check_kvm, host_tsc_khz, wait_settled
 from strace_count import count_state_writes, strace_argv
 
 from qtrace_bpf.demo_qemu import DemoQemu
@@ -188,22 +186,9 @@ def test_nothing_left_after_target_exit(lifecycle_run):
     assert lifecycle_run["after"] == {}
 
 
-def _host_tsc_khz() -> int:
-    kvm = os.open("/dev/kvm", os.O_RDWR)
-    try:
-        vm = fcntl.ioctl(kvm, 0xAE01, 0)
-        vcpu = fcntl.ioctl(vm, 0xAE41, 0)
-        khz = fcntl.ioctl(vcpu, 0xAEA3, 0)  # KVM_GET_TSC_KHZ
-        os.close(vcpu)
-        os.close(vm)
-        return khz
-    finally:
-        os.close(kvm)
-
-
 def test_tsc_frequency_decoded(qemu):
     """With -cpu ...,tsc-frequency=F QEMU sets it at vCPU init too; both decode to F."""
-    khz = _host_tsc_khz()  # no TSC scaling in nested KVM: ask for what the host has
+    khz = host_tsc_khz()  # no TSC scaling in nested KVM: ask for what the host has
     with DemoQemu("tsc", preconfig=True, cpu=f"qemu64,tsc-frequency={khz * 1000}", qemu=qemu) as vm:
         w = Watcher(vm.pid)
         vm.cmd("x-exit-preconfig")
@@ -277,7 +262,7 @@ def test_incoming_migration_phase(qemu, tmp_path):
     """A migration target with an explicit TSC frequency, traced from before machine
     creation: writes while the stream loads are phase migration (a full put, the TSC
     frequency again); boot before it, reset after it; every count equals strace's."""
-    khz = _host_tsc_khz()
+    khz = host_tsc_khz()
     cpu = f"qemu64,tsc-frequency={khz * 1000}"
     state = tmp_path / "vm.state"
     save_state(qemu, state, cpu)
