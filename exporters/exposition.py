@@ -36,13 +36,35 @@ def _escape_help(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+@dataclass(frozen=True)
+class Histogram:
+    """One histogram series: cumulative counts per upper bound (the last one +Inf), and
+    the sum of the observations."""
+
+    buckets: tuple[tuple[float, int], ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1] if self.buckets else 0
+
+
 @dataclass
 class Family:
     name: str  # without _total
     help: str
-    kind: str  # "counter" | "gauge"
+    kind: str  # "counter" | "gauge" | "histogram" (samples are then Histogram values)
     labels: tuple[str, ...]
-    samples: dict[tuple[str, ...], float] = field(default_factory=dict)
+    samples: dict[tuple[str, ...], float | Histogram] = field(default_factory=dict)
+
+
+def _number(value: float) -> int | float:
+    return value if isinstance(value, int) else (
+        int(value) if float(value).is_integer() else value)
+
+
+def le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 def render(families: Iterable[Family], fmt: str) -> str:
@@ -61,9 +83,17 @@ def render(families: Iterable[Family], fmt: str) -> str:
         head = fam.name if om else sample
         out.append(f"# HELP {head} {_escape_help(fam.help)}\n# TYPE {head} {fam.kind}\n")
         names = fam.labels
+        if fam.kind == "histogram":
+            for values, h in fam.samples.items():
+                labels = ",".join(map(pair, zip(names, values, strict=True)))
+                sep = "," if labels else ""
+                for bound, n in h.buckets:
+                    out.append(f'{fam.name}_bucket{{{labels}{sep}le="{le(bound)}"}} {n}\n')
+                out.append(f"{fam.name}_count{{{labels}}} {h.count}\n"
+                           f"{fam.name}_sum{{{labels}}} {_number(h.sum)}\n")
+            continue
         for values, value in fam.samples.items():
-            num = value if isinstance(value, int) else (
-                int(value) if float(value).is_integer() else value)
+            num = _number(value)
             if names:
                 labels = ",".join(map(pair, zip(names, values, strict=True)))
                 out.append(f"{sample}{{{labels}}} {num}\n")

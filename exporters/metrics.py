@@ -1,4 +1,4 @@
-"""What /metrics says: per-VM families (VmCollector) and qtrace's health (SelfCollector),
+"""What /metrics says: per-VM families (VmCollector) and qtrace's health (self_metrics),
 read from the BPF maps and the tracker at scrape time, never pushed; Exposition renders them.
 
 The exporter only reads what `Observed` names and writes nothing back; the daemon hands
@@ -9,19 +9,22 @@ labels are summed (two processes of one domain name, one restarted within the gr
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any, Protocol
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from qtrace_bpf import __version__, abi, decoders, maps, revision
-from qtrace_bpf.catalog import Catalog
+from qtrace_bpf import abi, decoders, maps
 
-from .exposition import OPENMETRICS, Family, SharedRender, render
+from .exposition import OPENMETRICS, Family, Histogram, SharedRender, le, render
+from .observed import Observed
+from .self_metrics import SelfCollector
 
 # Resets nobody on the host asked for (watchdog and panic actions report guest-reset /
 # guest-panic); the alert rules use the same list.
@@ -35,19 +38,6 @@ RESET_CAUSES = ("host-error", "host-qmp-system-reset", "host-ui", "guest-reset",
 Labels = maps.Labels
 
 
-class Observed(Protocol):
-    """The daemon as the exporter sees it: read at scrape time, never written."""
-
-    catalog: Catalog
-    ready: bool
-    stage: str
-    prog: Any  # QtraceProgram | None (None while starting): items(), hook_mode, ...
-    tracker: Any  # Tracker: lock, snapshot(), counters of what it refused
-    binaries: Any  # QemuBinaries: plans, errors
-    http: Any  # the server, for its connection counters (None before it starts)
-    resource_errors: dict[str, int]  # errno name -> times the loop ran out and retried
-
-
 class VmCollector:
     """Per-VM families.  A domain that restarts keeps its `vm` label, and its counters go on:
     when the old process's entries are forgotten while a VM of the same name remains, its
@@ -58,6 +48,9 @@ class VmCollector:
         self.carried: dict[str, dict[tuple[str, Labels], int]] = {}
         self._memo: dict[str, dict[bytes, Labels]] = {}
         self.last_seconds = 0.0  # how long the last families() took (a self-metric)
+
+    def last_seconds_of(self) -> float:
+        return self.last_seconds
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: families depend on what is running
@@ -125,6 +118,8 @@ class VmCollector:
             "after a QMP system_reset): subtract them to get the unexpected ones",
             "counter", ("vm", "cause"),
             {(n, c): resets.get((n, c, "1"), 0) for n in names for c in UNEXPECTED_CAUSES}))
+        out.append(self._unexpected(sums[maps.WRITES.name]))
+        out.append(durations(sums[maps.STEP_DURATIONS.name]))
         out += self._values(vms)
         out.append(Family(
             "qtrace_vm_info", "One series per traced VM, value 1", "gauge",
@@ -133,6 +128,22 @@ class VmCollector:
              for vm in vms.values()}))
         self.last_seconds = time.perf_counter() - started
         return out
+
+    def _unexpected(self, writes: dict[Labels, int]) -> Family:
+        """Writes of a catalog [[expect]] ioctl outside its phases, from the same counts as
+        qtrace_kvm_state_writes_total.  Every vCPU that made such a write at all has a
+        series, zeros too: increase() then sees the first unexpected one."""
+        catalog = self.daemon.catalog
+        ruled = {e.ioctl for e in catalog.expects}
+        samples: dict[Labels, int] = {}
+        for (vm, vcpu, ioctl, phase), n in writes.items():
+            if ioctl in ruled:
+                key = (vm, vcpu, ioctl)
+                samples[key] = samples.get(key, 0) + (n if catalog.unexpected(ioctl, phase)
+                                                      else 0)
+        return Family("qtrace_unexpected_state_writes", "State writes seen outside the "
+                      "lifecycle phases the catalog expects them in ([[expect]] rules)",
+                      "counter", ("vm", "vcpu", "ioctl"), samples)
 
     def _values(self, vms: dict) -> list[Family]:
         """The last TSC frequency and APIC base QEMU wrote per vCPU (successful writes:
@@ -152,6 +163,12 @@ class VmCollector:
     def collect(self) -> Iterator[Metric]:
         """The same families through prometheus_client (its registry, its renderer)."""
         for fam in self.families():
+            if fam.kind == "histogram":
+                hist = HistogramMetricFamily(fam.name, fam.help, labels=list(fam.labels))
+                for labels, h in fam.samples.items():
+                    hist.add_metric(list(labels), [(le(b), n) for b, n in h.buckets], h.sum)
+                yield hist
+                continue
             cls = CounterMetricFamily if fam.kind == "counter" else GaugeMetricFamily
             metric = cls(fam.name, fam.help, labels=list(fam.labels))
             for labels, value in fam.samples.items():
@@ -159,122 +176,24 @@ class VmCollector:
             yield metric
 
 
-class SelfCollector:
-    def __init__(self, daemon: Observed, vms: VmCollector) -> None:
-        self.daemon = daemon
-        self.vms = vms  # for how long its last collection took
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        yield GaugeMetricFamily("qtrace_ready", "1 once the kernel hook is attached and the "
-                                "host's QEMU processes were scanned", value=1 if d.ready else 0)
-        stage = GaugeMetricFamily("qtrace_startup_info", "What the daemon is doing (start-up "
-                                  "stages, then tracing)", labels=["stage"])
-        stage.add_metric([d.stage], 1)
-        yield stage
-        build = GaugeMetricFamily("qtrace_build_info", "qtrace's version and what it runs on",
-                                  labels=["version", "revision", "python", "bcc", "kernel",
-                                          "abi"])
-        build.add_metric([__version__, revision(), platform.python_version(),
-                          getattr(d.prog, "bcc_version", "") if d.prog else "",
-                          os.uname().release, str(abi.QTRACE_ABI_VERSION)], 1)
-        yield build
-        http = getattr(d, "http", None)
-        if http is not None:
-            yield GaugeMetricFamily("qtrace_http_connections", "HTTP connections open now",
-                                    value=http.active)
-            closed = CounterMetricFamily(
-                "qtrace_http_connections_closed", "HTTP connections the server closed: "
-                "evicted (idle, to make room), refused (at max_connections), timeout",
-                labels=["reason"])
-            for reason, n in (("evicted", http.evicted), ("refused", http.refused),
-                              ("timeout", http.timeouts)):
-                closed.add_metric([reason], n)
-            yield closed
-            yield GaugeMetricFamily("qtrace_http_max_connections", "HTTP connections allowed "
-                                    "at once: the config's max_connections, capped to fit the "
-                                    "fd limit", value=http.limits.max_connections)
-        errors = CounterMetricFamily("qtrace_resource_errors", "Times the daemon ran out of a "
-                                     "resource (EMFILE, ENFILE, ENOMEM, ...) and retried, by "
-                                     "errno and where", labels=["errno", "where"])
-        for where, counts in (("http", getattr(http, "resource_errors", {})),
-                              ("tracking", getattr(d, "resource_errors", {}))):
-            for name in ("EMFILE", "ENFILE", "ENOMEM", *sorted(set(counts) - {
-                    "EMFILE", "ENFILE", "ENOMEM"})):
-                errors.add_metric([name, where], counts.get(name, 0))
-        yield errors
-        if d.prog is None:
-            return
-        t = d.tracker
-        attached = GaugeMetricFamily("qtrace_probes_attached",
-                                     "Catalog probes attached per QEMU binary",
-                                     labels=["binary", "build_id"])
-        missing = GaugeMetricFamily("qtrace_probes_missing",
-                                    "Catalog probes that did not resolve per QEMU binary",
-                                    labels=["binary", "build_id"])
-        per_event = GaugeMetricFamily("qtrace_probe_attached",
-                                      "1 if the catalog event's probe is attached in this binary",
-                                      labels=["binary", "build_id", "event"])
-        for plan in list(d.binaries.plans.values()):
-            labels = [plan.display, plan.resolution.build_id or ""]
-            attached.add_metric(labels, len(plan.attached) - len(plan.missing))
-            missing.add_metric(labels, len(plan.missing))
-            for a in plan.attached:
-                per_event.add_metric([*labels, a.probe.event], 1 if a.ok else 0)
-        yield attached
-        yield missing
-        yield per_event
-        yield GaugeMetricFamily("qtrace_binary_errors", "QEMU binaries that could not be resolved "
-                                "(non-ELF, truncated, unreadable)", value=len(d.binaries.errors))
-        hook = GaugeMetricFamily("qtrace_kernel_hook_info", "The kernel hook on KVM ioctls in use",
-                                 labels=["mode"])
-        hook.add_metric([d.prog.hook_mode], 1)
-        yield hook
-        lost = CounterMetricFamily("qtrace_events_lost", "Ring-buffer events dropped, by kind "
-                                   "(counters are unaffected)", labels=["kind"])
-        for kind, n in d.prog.maps.events_lost().items():
-            lost.add_metric([kind], n)
-        yield lost
-        failed = CounterMetricFamily("qtrace_map_updates_failed",
-                                     "BPF map inserts refused because the map was full (raise "
-                                     "max_vms / max_vcpus_per_vm)", labels=["map"])
-        for name, n in d.prog.maps.update_failures().items():
-            failed.add_metric([name], n)
-        yield failed
-        decode = CounterMetricFamily("qtrace_decode_errors",
-                                     "Numbers from the kernel with no name (shown as placeholders)",
-                                     labels=["field"])
-        for field in ("phase", "ioctl", "cause", "probe", "value"):
-            decode.add_metric([field], decoders.DECODE_ERRORS[field])
-        yield decode
-        yield GaugeMetricFamily("qtrace_tracked_vms", "VMs being traced now",
-                                value=sum(1 for v in t.snapshot().values() if v.exited_at is None))
-        yield GaugeMetricFamily("qtrace_tracked_processes", "QEMU processes tracked now, VMs or "
-                                "not yet (no vCPU so far)",
-                                value=sum(1 for v in t.vms.copy().values() if v.exited_at is None))
-        yield CounterMetricFamily("qtrace_vms_refused", "VMs not traced because max_vms was "
-                                  "reached", value=t.refused)
-        yield CounterMetricFamily("qtrace_non_vm_processes", "QEMU processes that exited "
-                                  "without creating a vCPU (e.g. libvirt's capability probes): "
-                                  "never exported as VMs", value=t.not_vms)
-        errors = CounterMetricFamily("qtrace_attach_errors", "QEMU processes or binaries that "
-                                     "could not be traced, by reason", labels=["reason"])
-        for reason in ("vanished", "unusable_binary", "attach_failed"):
-            errors.add_metric([reason], t.attach_errors.get(reason, 0))
-        yield errors
-        gaps = CounterMetricFamily(
-            "qtrace_counting_gaps", "Times counting stopped or started late: found_running (a "
-            "VM adopted by a scan), program_replaced / layout_replaced (a restart that could not "
-            "keep the previous program or maps)", labels=["vm", "reason"])
-        for (vm, reason), n in sorted(t.gaps.items()):
-            gaps.add_metric([vm, reason], n)
-        yield gaps
-        yield GaugeMetricFamily("qtrace_scrape_duration_seconds",
-                                "Time the last collection of the per-VM families took",
-                                value=self.vms.last_seconds)
+def durations(rows: dict[Labels, int]) -> Family:
+    """step_durations' per-bucket counts and ns sums -> one cumulative histogram per
+    (vm, step); a VM has a series for a step once the step happened."""
+    per: dict[Labels, dict[str, int]] = defaultdict(dict)
+    for (vm, step, bucket), n in rows.items():
+        per[(vm, step)][bucket] = per[(vm, step)].get(bucket, 0) + n
+    bounds = [*abi.DURATION_BUCKETS, float("inf")]
+    samples: dict[Labels, Histogram] = {}
+    for labels, counts in per.items():
+        total, cumulative = 0, []
+        for bound in bounds:
+            total += counts.get("+Inf" if bound == float("inf") else repr(bound), 0)
+            cumulative.append((bound, total))
+        samples[labels] = Histogram(tuple(cumulative), counts.get("sum", 0) / 1e9)
+    return Family("qtrace_lifecycle_duration_seconds", "How long lifecycle steps took: reset "
+                  "(qemu_system_reset to the last post-reset put), hotplug (device_add to the "
+                  "new vCPU's first full put), migration (incoming: loading the VM state)",
+                  "histogram", ("vm", "step"), samples)
 
 
 class Exposition:
@@ -287,7 +206,7 @@ class Exposition:
 
         self.vms = VmCollector(daemon)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(SelfCollector(daemon, self.vms))
+        self.registry.register(SelfCollector(daemon, self.vms.last_seconds_of))
         ProcessCollector(registry=self.registry)
         self.shared = SharedRender(self._render, share_window)
 

@@ -68,6 +68,8 @@ QT_HASH(struct count_key, u64, write_counts, MAX_VCPU_ROWS * 48, BPF_F_NO_PREALL
 QT_HASH(struct err_key, u64, error_counts, MAX_VMS * 32, BPF_F_NO_PREALLOC);
 QT_HASH(struct lc_key, u64, lifecycle_counts, MAX_VMS * MAX_SLOTS, BPF_F_NO_PREALLOC);
 QT_HASH(struct reset_key, u64, reset_counts, MAX_VMS * NCAUSES * 2, BPF_F_NO_PREALLOC);
+QT_HASH(struct step_key, u64, step_durations, MAX_VMS * NSTEPS * (NDUR_BUCKETS + 2),
+        BPF_F_NO_PREALLOC);
 QT_ARRAY(u64, update_failed, NMAPS);                                  // M_* -> failed inserts
 QT_ARRAY(u64, events_lost, NKINDS);                                   // K_* -> events dropped
 QT_PERCPU_ARRAY(u32, next_vm, 1);                                     // VM ids, per CPU
@@ -393,6 +395,62 @@ static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct pro
     submit(&e);
 }
 
+// ---------------------------------------------------------------- step durations
+
+static __always_inline u32 dur_bucket(u64 ns) {
+    u64 us = ns / 1000;
+#define LE(n) if (us <= DUR_BUCKET_##n##_US) return n;
+    LE(0) LE(1) LE(2) LE(3) LE(4) LE(5) LE(6) LE(7) LE(8) LE(9) LE(10) LE(11) LE(12)
+#undef LE
+    return NDUR_BUCKETS;
+}
+
+static __always_inline void step_begin(struct proc_state *ps, u32 step, u64 now) {
+    if (step < NSTEPS) {
+        ps->step_start[step] = now;
+        ps->step_end[step] = 0;
+    }
+}
+
+// The step is over at `end` (0: it timed nothing): one histogram observation, one event.
+static __always_inline void step_done(struct proc_state *ps, u32 step, u64 end, u32 tgid,
+                                      u32 tid) {
+    if (step >= NSTEPS)
+        return;
+    u64 start = ps->step_start[step];
+    ps->step_start[step] = 0;
+    if (!start || !end || end < start)
+        return;
+    u64 ns = end - start, zero64 = 0;
+    struct step_key bk = {.vm = ps->vm, .step = step, .bucket = dur_bucket(ns)};
+    count_or_fail(step_durations.lookup_or_try_init(&bk, &zero64), M_STEP_DURATIONS);
+    struct step_key sk = {.vm = ps->vm, .step = step, .bucket = DUR_SUM};
+    u64 *sum = step_durations.lookup_or_try_init(&sk, &zero64);
+    if (sum)
+        __sync_fetch_and_add(sum, ns);
+    else
+        failed(M_STEP_DURATIONS);
+    struct event e;
+    init_event(&e, K_STEP, ps->vm, tgid, tid);
+    e.id = step;
+    e.phase = step == S_RESET ? PH_RESET : step == S_HOTPLUG ? PH_HOTPLUG : PH_MIGRATION;
+    e.cause = step == S_RESET ? ps->cause : 0;
+    e.arg1 = ns;
+    submit(&e);
+}
+
+// A put returned on thread `tid`: it may end the reset or hotplug step.
+static __always_inline void put_returned(struct proc_state *ps, u32 tid) {
+    u32 *level = thread_level.lookup(&tid);
+    if (!level)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    if (*level == 2 && ps->step_start[S_RESET])
+        ps->step_end[S_RESET] = now;  // the last one wins
+    else if (*level == 3 && ps->step_start[S_HOTPLUG] && !ps->step_end[S_HOTPLUG])
+        ps->step_end[S_HOTPLUG] = now;  // the first one wins
+}
+
 // trust_args: 0 for an entry on a GCC clone or an inlined instance, whose registers need
 // not hold the arguments (cause and level are then unknown, never guessed).
 static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
@@ -409,14 +467,20 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
     u64 zero64 = 0;
 
     if (is_return) {
-        if (action == ACT_RESET)
+        if (action == ACT_RESET) {
             ps->windows &= ~W_RESET;
-        else if (action == ACT_HOTPLUG)
+            u64 end = ps->step_end[S_RESET] ? ps->step_end[S_RESET] : bpf_ktime_get_ns();
+            step_done(ps, S_RESET, end, tgid, tid);
+        } else if (action == ACT_HOTPLUG) {
             ps->hotplug_depth -= ps->hotplug_depth ? 1 : 0;
-        else if (action == ACT_BOOT_DONE)
+            if (!ps->hotplug_depth)
+                step_done(ps, S_HOTPLUG, ps->step_end[S_HOTPLUG], tgid, tid);
+        } else if (action == ACT_BOOT_DONE) {
             ps->boot_done = 1;
-        else if (action == ACT_PUT)
+        } else if (action == ACT_PUT) {
+            put_returned(ps, tid);
             thread_level.delete(&tid);
+        }
         return 0;
     }
 
@@ -434,6 +498,7 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
         if (ps->boot_done) {
             // Boot-time reset (cause none) is part of boot; QMP emits no RESET for it.
             u64 now = bpf_ktime_get_ns();
+            step_begin(ps, S_RESET, now);
             struct reset_key rk = {.vm = ps->vm, .cause = cause};
             count_or_fail(reset_counts.lookup_or_try_init(&rk, &zero64), M_RESET_COUNTS);
             if (cause == CAUSE_HOST_QMP_SYSTEM_RESET || cause == CAUSE_HOST_UI ||
@@ -447,12 +512,17 @@ static __always_inline int on_probe(struct pt_regs *ctx, u32 id, int is_return,
             }
         }
     } else if (action == ACT_HOTPLUG) {
+        if (!ps->hotplug_depth)
+            step_begin(ps, S_HOTPLUG, bpf_ktime_get_ns());
         if (ps->hotplug_depth < 16)
             ps->hotplug_depth += 1;
     } else if (action == ACT_MIGRATION_BEGIN) {
+        if (!(ps->windows & W_MIGRATION))
+            step_begin(ps, S_MIGRATION, bpf_ktime_get_ns());
         ps->windows |= W_MIGRATION;
     } else if (action == ACT_MIGRATION_END) {
         ps->windows &= ~W_MIGRATION;
+        step_done(ps, S_MIGRATION, bpf_ktime_get_ns(), tgid, tid);
     } else if (action == ACT_PUT) {
         level = trust_args ? (u32)ARG(PUT_LEVEL_ARG) : 0;  // 0: in a put, level unknown
         if (thread_level.update(&tid, &level) < 0)

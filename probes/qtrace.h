@@ -8,7 +8,7 @@
 #define QTRACE_H
 
 // Bumped on any change to a struct below: the layout of what the maps hold.
-#define QTRACE_ABI_VERSION 5
+#define QTRACE_ABI_VERSION 6
 
 // Lifecycle phase of a state write; names in user space are the lower-case suffix.
 enum phase { PH_BOOT = 0, PH_RESET = 1, PH_HOTPLUG = 2, PH_MIGRATION = 3, PH_RUNTIME = 4 };
@@ -34,9 +34,36 @@ enum action {
 #define RESET_CAUSE_ARG 1  // qemu_system_reset(ShutdownCause reason): "shutdown_cause"
 #define PUT_LEVEL_ARG 2    // kvm_arch_put_registers(CPUState *, int level, ...): "level"
 
-// struct event.kind
-enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4 };
-#define NKINDS 5
+// struct event.kind.  K_STEP: a lifecycle step ended (id = enum step, arg1 = its duration
+// in ns); the daemon reads durations from step_durations instead.
+enum kind { K_LIFECYCLE = 1, K_STATE_WRITE = 2, K_EXEC = 3, K_EXIT = 4, K_STEP = 5 };
+#define NKINDS 6
+
+// Timed lifecycle steps (qtrace_lifecycle_duration_seconds{step}):
+//   reset      qemu_system_reset entry -> the return of the last post-reset put (level 2)
+//   hotplug    device_add entry -> the return of the new vCPU's first full put (level 3);
+//              a device_add that puts no vCPU state (not a CPU) is not timed
+//   migration  qemu_loadvm_state entry -> migration_incoming_state_destroy (incoming
+//              migration, loadvm, libvirt restore)
+enum step { S_RESET = 0, S_HOTPLUG = 1, S_MIGRATION = 2 };
+#define NSTEPS 3
+// Histogram bucket upper bounds in µs (le); bucket NDUR_BUCKETS is +Inf, and the key
+// bucket DUR_SUM holds the sum of the durations in ns.
+#define DUR_BUCKET_0_US 1000
+#define DUR_BUCKET_1_US 2500
+#define DUR_BUCKET_2_US 5000
+#define DUR_BUCKET_3_US 10000
+#define DUR_BUCKET_4_US 25000
+#define DUR_BUCKET_5_US 50000
+#define DUR_BUCKET_6_US 100000
+#define DUR_BUCKET_7_US 250000
+#define DUR_BUCKET_8_US 500000
+#define DUR_BUCKET_9_US 1000000
+#define DUR_BUCKET_10_US 2500000
+#define DUR_BUCKET_11_US 5000000
+#define DUR_BUCKET_12_US 10000000
+#define NDUR_BUCKETS 13
+#define DUR_SUM 0xffff
 
 // Process-wide windows (struct proc_state.windows bits).  Hotplug nests (QMP device_add
 // calls qdev_device_add, which calls qdev_device_add_from_qdict): a depth, not a bit.
@@ -88,6 +115,8 @@ struct proc_state {   // procs: tgid -> this
     u64 last_host_reset_ns;
     u32 hotplug_depth;    // hotplug functions running (nested)
     u32 pad;
+    u64 step_start[NSTEPS];  // ktime the step began (0: not running)
+    u64 step_end[NSTEPS];    // ktime its last (reset) or first (hotplug) put returned
 };
 
 struct probe_cfg {    // probe_cfg: catalog slot -> this
@@ -123,6 +152,12 @@ struct lc_key {       // lifecycle_counts
     u32 probe;        // catalog slot
 };
 
+struct step_key {     // step_durations: this -> observations in the bucket (or sum, ns)
+    u32 vm;
+    u32 step;         // S_*
+    u32 bucket;       // 0..NDUR_BUCKETS, or DUR_SUM
+};
+
 struct reset_key {    // reset_counts
     u32 vm;
     u32 cause;        // CAUSE_*, | FOLLOWUP_FLAG
@@ -133,9 +168,9 @@ struct reset_key {    // reset_counts
 enum map_id {
     M_PROCS = 0, M_VCPU_FDS = 1, M_LAST_VAL = 2, M_WRITE_COUNTS = 3, M_ERROR_COUNTS = 4,
     M_LIFECYCLE_COUNTS = 5, M_RESET_COUNTS = 6, M_INFLIGHT = 7, M_THREAD_LEVEL = 8,
-    M_VALUE_CHANGES = 9,
+    M_VALUE_CHANGES = 9, M_STEP_DURATIONS = 10,
 };
-#define NMAPS 10
+#define NMAPS 11
 
 struct event {
     u64 ts;

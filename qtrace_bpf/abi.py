@@ -132,6 +132,9 @@ def _load() -> None:
     g["CAUSES"] = _names(causes, "CAUSE_", "-")
     vals = {k: v for k, v in defines.items() if k.startswith("V_")}
     g["VALUES"] = _names(vals, "V_")
+    g["STEPS"] = _names(enums["step"], "S_")
+    g["DURATION_BUCKETS"] = tuple(defines[f"DUR_BUCKET_{i}_US"] / 1e6
+                                  for i in range(defines["NDUR_BUCKETS"]))
 
 
 # Filled from the header by _load(); declared for readers and type checkers.
@@ -145,6 +148,12 @@ K_LIFECYCLE: int
 K_STATE_WRITE: int
 K_EXEC: int
 K_EXIT: int
+K_STEP: int
+S_RESET: int
+S_HOTPLUG: int
+S_MIGRATION: int
+NDUR_BUCKETS: int
+DUR_SUM: int
 FOLLOWUP_FLAG: int
 MAX_SLOTS: int
 USER_VM_ID_BASE: int
@@ -161,6 +170,8 @@ KINDS: dict[int, str]
 MAPS: tuple[str, ...]
 CAUSES: tuple[str, ...]
 VALUES: tuple[str, ...]
+STEPS: tuple[str, ...]  # enum step: reset, hotplug, migration
+DURATION_BUCKETS: tuple[float, ...]  # histogram upper bounds in seconds (+Inf not included)
 STRUCTS: dict[str, type] = {}  # struct name -> ctypes Structure
 
 _load()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 
 from . import abi
+from .kvm_ioctls import BY_NAME
 
 # What an argument of a probed function may mean (catalog `arg1`/`arg2`): how the event
 # shows it.  Two are read by the kernel too (RESET_CAUSE_ARG, PUT_LEVEL_ARG in qtrace.h).
@@ -44,8 +45,23 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """A state write QEMU makes only in some lifecycle phases (catalog `[[expect]]`): seen
+    in any other phase it is unexpected.  `source` names the QEMU code the rule comes from."""
+
+    ioctl: str
+    phases: frozenset[str]
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class Catalog:
     probes: tuple[Probe, ...] = field(default_factory=tuple)
+    expects: tuple[Expect, ...] = field(default_factory=tuple)
+
+    def unexpected(self, ioctl: str, phase: str) -> bool:
+        """True when a write of `ioctl` in `phase` breaks an [[expect]] rule."""
+        return any(e.ioctl == ioctl and phase not in e.phases for e in self.expects)
 
     @property
     def functions(self) -> list[str]:
@@ -117,10 +133,29 @@ def parse_catalog(text: str) -> Catalog:
                 attach_inlined=bool(raw.get("attach_inlined", False)),
             )
         )
+    expects = tuple(parse_expect(raw) for raw in data.get("expect", []))
     if len(probes) > abi.MAX_SLOTS:
         raise ValueError(f"catalog: {len(probes)} probes, the BPF program has {abi.MAX_SLOTS} "
                          "slots")
-    return Catalog(tuple(probes))
+    return Catalog(tuple(probes), expects)
+
+
+def parse_expect(raw: dict) -> Expect:
+    unknown = sorted(set(raw) - {"ioctl", "phases", "source"})
+    if unknown:
+        raise ValueError(f"catalog: expect {raw.get('ioctl')}: unknown key(s) {', '.join(unknown)}")
+    name, phases = raw.get("ioctl"), raw.get("phases")
+    entry = BY_NAME.get(name or "")
+    if entry is None or not entry.state_write:
+        raise ValueError(f"catalog: expect: {name!r} is not a state-writing KVM ioctl "
+                         "(qtrace_bpf/kvm_ioctls.py)")
+    if not phases or not set(phases) <= set(abi.PHASES):
+        raise ValueError(f"catalog: expect {name}: phases {phases!r}: a non-empty list of "
+                         f"{', '.join(abi.PHASES)}")
+    if not raw.get("source"):
+        raise ValueError(f"catalog: expect {name}: say which QEMU code the rule comes from "
+                         "(source = \"function, file, versions\")")
+    return Expect(name, frozenset(phases), raw["source"])
 
 
 def load_catalog() -> Catalog:

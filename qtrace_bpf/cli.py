@@ -41,6 +41,7 @@ def main() -> None:
       qprobe doctor                 what this host supports
       qprobe symbols --pid PID      what resolves in that QEMU
       qprobe watch PID              live view of one VM (Ctrl-C ends, prints a summary)
+      qprobe watch --vm NAME        the same, by VM name
       qprobe watch PID --json       one JSON object per line
       qprobe demo                   a throwaway VM, traced while hotplug and reset happen
       qprobe daemon --config F      every VM on the host, as Prometheus metrics
@@ -49,7 +50,19 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("pid", type=int)
+@click.argument("pid", type=int, required=False)
+@click.option("--vm", "vm_name", metavar="NAME",
+              help="Watch the QEMU whose VM name is NAME (-name guest=NAME, the libvirt "
+                   "domain name; the daemon's `vm` label) instead of giving its PID.")
+@click.option("--vcpu", "vcpus", type=click.IntRange(min=0), multiple=True, metavar="N",
+              help="Show only state writes of vCPU N (repeatable); lifecycle events still "
+                   "show.")
+@click.option("--ioctl", "ioctls", multiple=True, metavar="NAME",
+              help="Show only writes of this ioctl (repeatable; KVM_SET_TSC_KHZ or "
+                   "set_tsc_khz); hides lifecycle events.")
+@click.option("--phase", "phases", multiple=True, metavar="PHASE",
+              help="Show only events of this phase (repeatable): boot, reset, hotplug, "
+                   "migration, runtime.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per line on stdout (last one: kind=summary); "
                    "diagnostics on stderr.")
@@ -61,27 +74,40 @@ def main() -> None:
                    "syscalls:sys_enter_ioctl tracepoint.")
 @click.option("--debug-root", "debug_roots", multiple=True, metavar="DIR",
               help="Where separate debug files live (repeatable; default /usr/lib/debug).")
-def watch(pid: int, as_json: bool, duration: float | None, hook: str,
+def watch(pid: int | None, vm_name: str | None, vcpus: tuple[int, ...], ioctls: tuple[str, ...],
+          phases: tuple[str, ...], as_json: bool, duration: float | None, hook: str,
           debug_roots: tuple[str, ...]) -> None:
-    """Trace one QEMU process (PID) and print its vCPU state writes.
+    """Trace one QEMU process (PID, or --vm NAME) and print its vCPU state writes.
 
     Each KVM state write shows its vCPU, its lifecycle phase (boot, reset with
     its cause, hotplug, migration, runtime) and, where QEMU wrote them, the
     decoded APIC base, TSC frequency and TSC MSRs, with whether they changed.
-    Ends at --duration, Ctrl-C, SIGTERM or when QEMU exits; all probes are
-    detached on every exit path.
+    A write outside the phases the catalog expects it in is marked UNEXPECTED;
+    the end of a reset, hotplug or incoming migration prints how long it took.
+    --vcpu/--ioctl/--phase choose what is printed; the summary counts every
+    write.  Ends at --duration, Ctrl-C, SIGTERM or when QEMU exits; all probes
+    are detached on every exit path.
 
     \b
     Examples:
       qprobe watch 4242
+      qprobe watch --vm web1 --ioctl KVM_SET_TSC_KHZ
+      qprobe watch --vm web1 --vcpu 1 --phase hotplug --phase reset
       qprobe watch 4242 --json --duration 60 > writes.jsonl
-      qprobe watch $(pgrep -f 'guest=web1') --hook tracepoint
     """
+    from .targets import pid_of_vm
     from .watch import run_watch
+    from .watch_filter import EventFilter
 
+    if (pid is None) == (vm_name is None):
+        raise click.UsageError("give either PID or --vm NAME")
+    show = EventFilter.parse(vcpus, ioctls, phases)
+    if vm_name is not None:
+        pid = pid_of_vm(vm_name)
+    assert pid is not None
     roots = debug_roots or DEFAULT_DEBUG_ROOTS
     sys.exit(run_watch(pid, as_json=as_json, duration=duration,
-                       hook=None if hook == "auto" else hook, debug_roots=roots))
+                       hook=None if hook == "auto" else hook, debug_roots=roots, show=show))
 
 
 @main.command()

@@ -53,6 +53,23 @@ def value(which: int) -> str:
     return f"value-{which}"
 
 
+def step(value: int) -> str:
+    """An S_* number -> reset, hotplug, migration."""
+    if 0 <= value < len(abi.STEPS):
+        return abi.STEPS[value]
+    DECODE_ERRORS["step"] += 1
+    return f"step-{value}"
+
+
+def bucket(value: int) -> str:
+    """A step_durations bucket -> its `le` ("0.001" ... "+Inf"), or "sum" (nanoseconds)."""
+    if value == abi.DUR_SUM:
+        return "sum"
+    if 0 <= value < len(abi.DURATION_BUCKETS):
+        return repr(abi.DURATION_BUCKETS[value])
+    return "+Inf"
+
+
 def vcpu(value: int) -> int | None:
     """-1 marks a VM-wide ioctl (no vCPU)."""
     return value if value >= 0 else None

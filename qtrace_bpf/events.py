@@ -41,6 +41,8 @@ class Decoder:
             ev["ret"] = raw.ret
             if raw.ret < 0:
                 ev["error"] = True
+            elif self.catalog.unexpected(ev["event"], ev["phase"]):
+                ev["unexpected"] = True  # outside the phases a catalog [[expect]] rule allows
             if raw.level:
                 ev["level"] = raw.level
             if ev["event"] == "KVM_CREATE_VCPU":
@@ -51,6 +53,9 @@ class Decoder:
                     ev[name] = val if name == "tsc_khz" else f"{val:#x}"
                     ev[f"{name}_changed"] = bool(raw.changed & (1 << i)) \
                         if raw.known & (1 << i) else None
+        elif raw.kind == abi.K_STEP:  # a lifecycle step ended
+            ev["event"] = ev["step"] = decoders.step(raw.id)
+            ev["seconds"] = round(raw.arg1 / 1e9, 6)
         elif raw.kind == abi.K_LIFECYCLE:
             probe = self.catalog.by_slot(raw.id)
             ev["event"] = probe.event
@@ -78,6 +83,9 @@ def render(ev: dict) -> str:
     vcpu = f"vcpu {ev['vcpu']}" if ev.get("vcpu") is not None else "-"
     phase = ev["phase"] + (f"({ev['cause']})" if ev["phase"] == "reset" else "")
     detail = []
+    if ev["kind"] == "step":
+        return f"{t}  {vcpu:<7} {phase:<32} {'[' + ev['step'] + ' took]':<24} " \
+               f"{ev['seconds'] * 1000:.3f} ms"
     if ev["kind"] == "lifecycle":
         detail.append(f"{ev['function']}()")
         if "cause" in ev and ev["phase"] != "reset":
@@ -96,6 +104,8 @@ def render(ev: dict) -> str:
                 detail.append(f"{key}={ev[key]}{mark}")
         if ev.get("error"):
             detail.append(f"FAILED ret={ev['ret']}")
+        if ev.get("unexpected"):
+            detail.append(f"UNEXPECTED in {ev['phase']}")
         if ev["event"] == "KVM_CREATE_VCPU":
             detail.append(f"fd={ev['ret']}")
     return f"{t}  {vcpu:<7} {phase:<32} {name:<24} {' '.join(detail)}".rstrip()

@@ -83,7 +83,15 @@ RESETS = CounterMap(
     ("cause", "following_host"),
     lambda r: (r["cause"], "1" if r["following_host"] else ""))
 
-COUNTERS: tuple[CounterMap, ...] = (WRITES, ERRORS, LIFECYCLE, VALUE_CHANGES, RESETS)
+# Histograms of the lifecycle steps' durations: a count per bucket, and their sum in ns
+# (bucket "sum"); exported as qtrace_lifecycle_duration_seconds by its own family.
+STEP_DURATIONS = CounterMap(
+    "step_durations",
+    lambda k, _c: {"step": decoders.step(k.step), "bucket": decoders.bucket(k.bucket)},
+    ("step", "bucket"), lambda r: (r["step"], r["bucket"]))
+
+COUNTERS: tuple[CounterMap, ...] = (WRITES, ERRORS, LIFECYCLE, VALUE_CHANGES, RESETS,
+                                    STEP_DURATIONS)
 
 # Key and value types by their C names (abi.ctype); the same as the QT_HASH/QT_ARRAY lines
 # of qtrace.bpf.c (tests/test_abi.py compares them with BCC's compile).
@@ -93,7 +101,7 @@ TYPES: dict[str, tuple[str, str]] = {
     UPDATE_FAILED: ("int", "u64"), WRITES.name: ("count_key", "u64"),
     ERRORS.name: ("err_key", "u64"), LIFECYCLE.name: ("lc_key", "u64"),
     VALUE_CHANGES.name: ("val_key", "u64"),
-    RESETS.name: ("reset_key", "u64"),
+    RESETS.name: ("reset_key", "u64"), STEP_DURATIONS.name: ("step_key", "u64"),
 }
 
 # Maps whose keys start with the VM id: Tracker.forget() deletes a VM's entries from each.

@@ -156,6 +156,27 @@ def running_qemus() -> dict[int, int]:
     return out
 
 
+def pid_of_vm(name: str) -> int:
+    """The pid of the running QEMU whose `vm` label (as the daemon exports it) is `name`."""
+    found, names = [], []
+    for pid in sorted(running_qemus()):
+        try:
+            label = sanitize_label(parse_name(read_cmdline(pid)) or f"pid-{pid}")
+        except OSError:
+            continue
+        names.append(label)
+        if label == name:
+            found.append(pid)
+    if not found:
+        running = ", ".join(sorted(set(names))) or "none"
+        raise QtraceError(f"no running QEMU is VM {name!r} (-name guest={name}); running: "
+                          f"{running}")
+    if len(found) > 1:
+        raise QtraceError(f"VM {name!r} is more than one QEMU process (pids "
+                          f"{', '.join(map(str, found))}): give the pid")
+    return found[0]
+
+
 # Package managers write the new file beside the old one first (qemu-system-x86_64.dpkg-new,
 # qemu-kvm;5f3a9c2e with rpm), then rename it: a glob sees that half-written file.
 _TEMP_NAME = re.compile(r"\.(dpkg-(new|tmp|old|dist|bak)|rpm(new|save|orig))$|;[0-9a-f]{8}$")

@@ -20,6 +20,7 @@ from .events import Decoder, render
 from .logfmt import kv
 from .program import QtraceProgram
 from .tracker import TracedVm, Tracker
+from .watch_filter import EventFilter
 
 
 def log_stderr(msg: str, **fields: object) -> None:
@@ -27,13 +28,18 @@ def log_stderr(msg: str, **fields: object) -> None:
     print(f"qprobe: {msg}{kv(**fields)}", file=sys.stderr, flush=True)
 
 
-def summary(prog: QtraceProgram, vm: TracedVm, started: float, stopped_by: str, seen: int) -> dict:
+def summary(prog: QtraceProgram, vm: TracedVm, started: float, stopped_by: str, seen: int,
+            steps: list[dict] | None = None) -> dict:
     """Per-vCPU/per-phase counts read from the BPF maps (not from the event stream)."""
     def rows(spec: maps.CounterMap):
         items = prog.maps.items(spec.name)
         return [(row, n) for vm_id, row, n in spec.rows(items, prog.catalog) if vm_id == vm.vm_id]
 
     writes = [{**row, "count": n} for row, n in rows(maps.WRITES)]
+    unexpected: dict[str, int] = defaultdict(int)
+    for w in writes:
+        if prog.catalog.unexpected(w["ioctl"], w["phase"]):
+            unexpected[w["ioctl"]] += w["count"]
     errors = {row["ioctl"]: n for row, n in rows(maps.ERRORS)}
     lifecycle = {row["event"]: n for row, n in rows(maps.LIFECYCLE)}
     resets, following = {}, {}
@@ -52,6 +58,8 @@ def summary(prog: QtraceProgram, vm: TracedVm, started: float, stopped_by: str, 
         "lifecycle": lifecycle,
         "resets": resets,
         "resets_following_host": following,
+        "unexpected": dict(unexpected),
+        "steps": steps or [],
         "events": seen,
         "events_lost": sum(prog.maps.events_lost().values()),
         "probes_attached": {a.probe.event: a.function for a in vm.plan.attached if a.ok},
@@ -74,12 +82,18 @@ def render_summary(s: dict) -> str:
         lines.append("  resets: " + ", ".join(f"{c}={n}" for c, n in s["resets"].items()))
     if s["errors"]:
         lines.append("  failed ioctls: " + ", ".join(f"{c}={n}" for c, n in s["errors"].items()))
+    if s["unexpected"]:
+        lines.append("  UNEXPECTED writes: " + ", ".join(
+            f"{c}={n}" for c, n in s["unexpected"].items()))
+    for st in s["steps"]:
+        lines.append(f"  {st['step']} took {st['seconds'] * 1000:.3f} ms")
     return "\n".join(lines)
 
 
 def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | None = None,
               debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS,
-              out: Callable[[str], None] | None = None) -> int:
+              out: Callable[[str], None] | None = None,
+              show: EventFilter | None = None) -> int:
     started = time.monotonic()
     emit = out or (lambda line: print(line, flush=True))
     catalog = load_catalog()
@@ -126,8 +140,10 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
                    f"{n_ok}/{len(vm.plan.attached)} probes, {prog.uprobe_count} uprobes, "
                    f"kernel hook {prog.hook_mode}, {len(fds)} vCPUs known, "
                    f"phase {'boot' if not fds else 'runtime'}, in "
-                   f"{time.monotonic() - started:.2f}s")
+                   f"{time.monotonic() - started:.2f}s"
+                   + (f"; showing only {show.describe()}" if show and show.describe() else ""))
         seen = 0
+        steps: list[dict] = []
 
         def flush() -> None:
             nonlocal seen
@@ -137,7 +153,10 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
                     continue
                 seen += 1
                 ev = decoder.decode(raw)
-                emit(json.dumps(ev) if as_json else render(ev))
+                if ev["kind"] == "step":
+                    steps.append({"step": ev["step"], "seconds": ev["seconds"]})
+                if show is None or show(ev):
+                    emit(json.dumps(ev) if as_json else render(ev))
 
         deadline = started + duration if duration else None
         while not stop["reason"]:
@@ -149,7 +168,7 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
                 stop["reason"] = "duration"
         prog.drain()
         flush()
-        s = summary(prog, vm, started, stop["reason"], seen)
+        s = summary(prog, vm, started, stop["reason"], seen, steps)
         emit(json.dumps(s) if as_json else render_summary(s))
         return 0
     finally:

@@ -223,8 +223,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 class Watcher:
     """`qprobe watch PID --json` in the background, attached before it returns."""
 
-    def __init__(self, pid: int, *args: str, timeout: float = 60.0):
-        self.proc = popen([*QPROBE, "watch", str(pid), "--json", *args],
+    def __init__(self, pid: int | None, *args: str, timeout: float = 60.0):
+        """pid None: args name the VM (--vm NAME)."""
+        self.proc = popen([*QPROBE, "watch", *([str(pid)] if pid else []), "--json", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         self.stderr_lines: list[str] = []
         self.stdout_lines: list[str] = []
@@ -344,6 +345,9 @@ def scrape(url: str) -> dict[str, list]:
 
 def samples(metrics: dict, name: str, **labels: str) -> list[tuple[dict, float]]:
     fam = name.removesuffix("_total")
+    for suffix in ("_bucket", "_count", "_sum"):  # a histogram's samples
+        if fam not in metrics and fam.endswith(suffix):
+            fam = fam.removesuffix(suffix)
     return [(lab, val) for n, lab, val in metrics.get(fam, [])
             if n == name and all(lab.get(k) == v for k, v in labels.items())]
 
@@ -407,3 +411,30 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(30)
+
+
+def vcpu_fd(pid: int, vcpu: int = 0) -> int:
+    """The fd number of a QEMU's vCPU in its own fd table."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == f"anon_inode:kvm-vcpu:{vcpu}":
+                return int(name)
+        except OSError:
+            continue
+    raise AssertionError(f"pid {pid} has no fd for vCPU {vcpu}")
+
+
+def call_ioctl_inside(pid: int, fd: int, cmd: int, arg: int, tmp: Path) -> int:
+    """ioctl(fd, cmd, arg) made by the process itself (its main thread), as gdb's `call`
+    makes it (tests/c/inject_ioctl.c says why not gdb itself).  The VM must be paused (QMP
+    stop): no vCPU thread may sit in KVM_RUN holding the vCPU.  Returns what ioctl returned."""
+    exe = tmp / "inject_ioctl"
+    if not exe.exists():
+        cc = shutil.which("gcc")
+        require("gcc", cc is not None, "apt-get install gcc")
+        subprocess.run([str(cc), "-O2", "-Wall", "-Werror", "-o", str(exe),
+                        str(ROOT / "tests" / "c" / "inject_ioctl.c")], check=True)
+    r = subprocess.run([str(exe), str(pid), str(fd), hex(cmd), str(arg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)

@@ -1,4 +1,4 @@
-"""An independent count of KVM state writes: `strace -f -y -e trace=ioctl` output.
+"""An independent count of KVM state writes: `strace -f -y -ttt -e trace=ioctl` output.
 
 strace names each ioctl itself (its own copy of <linux/kvm.h>): a number qtrace got wrong
 shows up as a different name, never as the same mistake on both sides.
@@ -7,27 +7,41 @@ shows up as a different name, never as the same mistake on both sides.
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 from qtrace_bpf.kvm_ioctls import STATE_WRITE_NAMES
 
-# 3795  ioctl(14<anon_inode:kvm-vcpu:1>, KVM_SET_CPUID2, {nent=23, ...}) = 0
-_CALL = re.compile(r"^(?P<tid>\d+)\s+ioctl\((?P<fd>\d+)<(?P<path>[^>]*)>, "
+# 3795  1796549415.193866 ioctl(14<anon_inode:kvm-vcpu:1>, KVM_SET_CPUID2, {nent=23, ...}) = 0
+_TS = r"(?:(?P<ts>\d+\.\d+)\s+)?"
+_CALL = re.compile(r"^(?P<tid>\d+)\s+" + _TS + r"ioctl\((?P<fd>\d+)<(?P<path>[^>]*)>, "
                    r"(?P<cmd>[A-Z][A-Z0-9_]*), (?P<arg>[^,)]+)")
-_UNFINISHED = re.compile(r"^(?P<tid>\d+)\s+(?P<call>ioctl\(.*) <unfinished \.\.\.>$")
-_RESUMED = re.compile(r"^(?P<tid>\d+)\s+<\.\.\. ioctl resumed>(?P<rest>.*)$")
+_UNFINISHED = re.compile(r"^(?P<tid>\d+)\s+(?P<call>(?:\d+\.\d+\s+)?ioctl\(.*) "
+                         r"<unfinished \.\.\.>$")
+_RESUMED = re.compile(r"^(?P<tid>\d+)\s+" + _TS + r"<\.\.\. ioctl resumed>(?P<rest>.*)$")
 _RET = re.compile(r"\)\s+= (?P<ret>-?\d+)")
 _VCPU = re.compile(r"kvm-vcpu:(\d+)")
 
 
 def strace_argv(out: str) -> list[str]:
-    return ["strace", "-f", "-y", "-e", "trace=ioctl", "-o", out]
+    return ["strace", "-f", "-y", "-ttt", "-e", "trace=ioctl", "-o", out]
 
 
-def count_state_writes(path: str) -> Counter:
-    """(vcpu or None, ioctl name as strace decodes it) -> successful state writes."""
+@dataclass(frozen=True)
+class Call:
+    """One state-writing ioctl as strace saw it (ts: when it was entered)."""
+
+    tid: int
+    ts: float
+    vcpu: int | None
+    name: str
+    ret: int
+
+
+def state_write_calls(path: str) -> list[Call]:
+    """Every state-writing ioctl, failed ones too, in the order strace logged them."""
     pending: dict[str, str] = {}
-    counts: Counter = Counter()
+    out: list[Call] = []
     with open(path) as f:
         lines = [ln.rstrip("\n") for ln in f]
     for line in lines:
@@ -40,7 +54,7 @@ def count_state_writes(path: str) -> Counter:
             line = pending.pop(m.group("tid")) + m.group("rest")
         call = _CALL.match(line)
         ret = _RET.search(line)
-        if not call or not ret or int(ret.group("ret")) < 0:
+        if not call or not ret:
             continue
         name = call.group("cmd")
         if name not in STATE_WRITE_NAMES:
@@ -50,5 +64,30 @@ def count_state_writes(path: str) -> Counter:
         else:
             v = _VCPU.search(call.group("path"))
             vcpu = int(v.group(1)) if v else None
-        counts[(vcpu, name)] += 1
-    return counts
+        out.append(Call(int(call.group("tid")), float(call.group("ts") or 0), vcpu, name,
+                        int(ret.group("ret"))))
+    return out
+
+
+def count_state_writes(path: str) -> Counter:
+    """(vcpu or None, ioctl name as strace decodes it) -> successful state writes."""
+    return Counter((c.vcpu, c.name) for c in state_write_calls(path) if c.ret >= 0)
+
+
+def strace_times(events: list[dict], path: str) -> list[float]:
+    """strace's timestamp of each state_write event of `qprobe watch --json`, in the same
+    order: the n-th write of a thread in one is the n-th in the other (names checked)."""
+    by_tid: dict[int, list[Call]] = defaultdict(list)
+    for c in state_write_calls(path):
+        by_tid[c.tid].append(c)
+    seen: Counter = Counter()
+    out = []
+    for e in events:
+        if e["kind"] != "state_write":
+            continue
+        calls = by_tid[e["tid"]]
+        i = seen[e["tid"]]
+        seen[e["tid"]] += 1
+        assert i < len(calls) and calls[i].name == e["event"], (e, calls[i:i + 1])
+        out.append(calls[i].ts)
+    return out

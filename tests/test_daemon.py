@@ -20,9 +20,11 @@ from conftest import (
     DaemonProcess,
     added,
     bpf_state,
+    call_ioctl_inside,
     check_kvm,
     daemon_toml,
     free_port,
+    host_tsc_khz,
     http_get,
     make_cert,
     popen,
@@ -30,6 +32,7 @@ from conftest import (
     samples,
     scrape,
     upstream_qemu,
+    vcpu_fd,
     wait_settled,
 )
 from strace_count import count_state_writes, strace_argv
@@ -130,11 +133,17 @@ def fleet(tmp_path_factory):
         vms["quit-vm"] = DemoQemu("quit-vm", wrapper=strace_wrapper(tmp / "quit.strace"))
         vms["hostile"] = DemoQemu(HOSTILE)  # argv keeps ',,': QEMU's escaped comma
         vms["up10-vm"] = DemoQemu("up10-vm", qemu=up10, wrapper=strace_wrapper(tmp / "up10.strace"))
-        ops, up = vms["ops-vm"], vms["up10-vm"]
-        ops.cmd("cont")
-        up.cmd("cont")
-        vms["quit-vm"].cmd("cont")
+        vms["tsc-vm"] = DemoQemu("tsc-vm")
+        ops, up, tsc = vms["ops-vm"], vms["up10-vm"], vms["tsc-vm"]
+        for vm in (ops, up, vms["quit-vm"], tsc):
+            vm.cmd("cont")
         time.sleep(0.5)
+        # An unexpected write, made from inside a running QEMU (what a debugger or an agent
+        # injected into it would do): a TSC frequency 1 kHz off (within KVM's tolerance).
+        tsc.cmd("stop")
+        khz = host_tsc_khz()
+        assert call_ioctl_inside(tsc.pid, vcpu_fd(tsc.pid), 0xAEA2, khz + 1, tmp) == 0
+        tsc.cmd("cont")
         ops.hotplug_cpu()
         up.hotplug_cpu()
         time.sleep(0.5)
@@ -151,8 +160,12 @@ def fleet(tmp_path_factory):
         while not prom.firing("QemuVmUnexpectedReset"):
             assert time.monotonic() < deadline, "QemuVmUnexpectedReset never fired"
             time.sleep(0.5)
+        while not prom.firing("QemuVmUnexpectedStateWrite"):
+            assert time.monotonic() < deadline, "QemuVmUnexpectedStateWrite never fired"
+            time.sleep(0.5)
         time.sleep(3)
-        alerts = {a: prom.firing(a) for a in ("QemuVmUnexpectedReset", "QemuVmResetLoop")}
+        alerts = {a: prom.firing(a) for a in ("QemuVmUnexpectedReset", "QemuVmResetLoop",
+                                              "QemuVmUnexpectedStateWrite")}
         prom_resets = prom.query("qtrace_vm_resets_total > 0")
         resets = {}
         traced = ("loop-vm", "ops-vm", "quit-vm", "up10-vm")
@@ -169,7 +182,8 @@ def fleet(tmp_path_factory):
                    for n in traced}
         yield {"already": already, "before": before, "daemon": daemon, "prom": prom,
                "metrics": metrics, "raw": raw, "tmp": tmp, "resets": resets,
-               "straces": straces, "alerts": alerts, "prom_resets": prom_resets, "vms": vms}
+               "straces": straces, "alerts": alerts, "prom_resets": prom_resets, "vms": vms,
+               "tsc_khz": khz}
     finally:
         for vm in vms.values():
             vm.close()
@@ -234,6 +248,42 @@ def test_prometheus_alerts(fleet):
     assert ("ops-vm", "host-qmp-system-reset") in seen
 
 
+def test_unexpected_state_write_counted_once_and_alerted(fleet):
+    """The injected KVM_SET_TSC_KHZ counts once, for tsc-vm's vCPU 0 only; boot, QMP and
+    HMP hotplug, host and guest resets on the other VMs raise none; the real Prometheus
+    fires QemuVmUnexpectedStateWrite for tsc-vm alone."""
+    m = fleet["metrics"]
+    unexpected = {(lab["vm"], lab["vcpu"], lab["ioctl"]): v
+                  for lab, v in samples(m, "qtrace_unexpected_state_writes_total")}
+    assert unexpected[("tsc-vm", "0", "KVM_SET_TSC_KHZ")] == 1, unexpected
+    assert {k for k, v in unexpected.items() if v} == {("tsc-vm", "0", "KVM_SET_TSC_KHZ")}
+    assert {vm for vm, _, _ in unexpected} >= {"loop-vm", "ops-vm", "quit-vm", "up10-vm"}
+    assert [(a["vm"], a["ioctl"]) for a in fleet["alerts"]["QemuVmUnexpectedStateWrite"]] == \
+        [("tsc-vm", "KVM_SET_TSC_KHZ")]
+    # the injected value is the vCPU's last one, and a change
+    assert samples(m, "qtrace_vcpu_tsc_khz", vm="tsc-vm", vcpu="0")[0][1] == fleet["tsc_khz"] + 1
+    changes = {(lab["vm"], lab["vcpu"]): v for lab, v in
+               samples(m, "qtrace_state_value_changes_total", what="tsc_khz")}
+    assert changes == {("tsc-vm", "0"): 1}, changes
+
+
+def test_step_durations(fleet):
+    """One observation per reset and per vCPU hotplug, each under a second."""
+    m = fleet["metrics"]
+    count = {(lab["vm"], lab["step"]): v for lab, v in
+             samples(m, "qtrace_lifecycle_duration_seconds_count")}
+    for vm in ("ops-vm", "up10-vm"):
+        assert count[(vm, "hotplug")] == 1, count
+    for vm in ("ops-vm", "up10-vm", "loop-vm"):
+        assert count[(vm, "reset")] == sum(fleet["resets"][vm].values()) > 0, (vm, count)
+    assert not any(step == "migration" for _, step in count)
+    under_1s = {(lab["vm"], lab["step"]): v for lab, v in
+                samples(m, "qtrace_lifecycle_duration_seconds_bucket", le="1.0")}
+    assert under_1s == count
+    sums = samples(m, "qtrace_lifecycle_duration_seconds_sum", vm="ops-vm", step="reset")
+    assert 0 < sums[0][1] < count[("ops-vm", "reset")]
+
+
 def test_vm_info_and_self_metrics(fleet):
     m = fleet["metrics"]
     info = {lab["vm"]: lab for lab, _ in samples(m, "qtrace_vm_info")}
@@ -242,7 +292,8 @@ def test_vm_info_and_self_metrics(fleet):
     assert samples(m, "qtrace_kernel_hook_info")[0][0]["mode"] in ("fentry", "kprobe",
                                                                    "tracepoint")
     lost = {lab["kind"]: v for lab, v in samples(m, "qtrace_events_lost_total")}
-    assert set(lost) == {"lifecycle", "state_write", "exec", "exit"} and not any(lost.values())
+    assert set(lost) == {"lifecycle", "state_write", "exec", "exit", "step"}
+    assert not any(lost.values())
     # ours were all found at exec; only QEMUs that ran before the daemon started count
     gaps = samples(m, "qtrace_counting_gaps_total")
     assert sum(v for _, v in gaps) == fleet["already"], gaps

@@ -121,3 +121,58 @@ def test_lifecycle_decoding_follows_the_catalog(slot, arg1, arg2, phase):
             assert ev["level"] == arg2
         if probe.arg1 == "shutdown_cause":
             assert ev["cause"] == decoders.cause(arg1)
+
+
+def test_unexpected_writes_and_step_ends_are_marked():
+    """A catalog [[expect]] rule marks a KVM_SET_TSC_KHZ outside boot/hotplug/migration; a
+    failed call is not a write and is not marked; a step end shows its duration."""
+    tsc = BY_NAME["KVM_SET_TSC_KHZ"].number
+    d = decoder()
+    runtime = d.decode(event(id=tsc, phase=abi.PH_RUNTIME, vcpu=0))
+    assert runtime["unexpected"] is True and "UNEXPECTED in runtime" in render(runtime)
+    for phase in (abi.PH_BOOT, abi.PH_HOTPLUG, abi.PH_MIGRATION):
+        assert "unexpected" not in d.decode(event(id=tsc, phase=phase, vcpu=0))
+    assert "unexpected" in d.decode(event(id=tsc, phase=abi.PH_RESET, vcpu=0))
+    assert "unexpected" not in d.decode(event(id=tsc, phase=abi.PH_RUNTIME, ret=-22))
+    assert "unexpected" not in d.decode(event(id=BY_NAME["KVM_SET_LAPIC"].number,
+                                              phase=abi.PH_RUNTIME))
+    step = d.decode(event(kind=abi.K_STEP, id=abi.S_HOTPLUG, phase=abi.PH_HOTPLUG,
+                          arg1=1_234_567))
+    assert (step["kind"], step["step"], step["seconds"]) == ("step", "hotplug", 0.001235)
+    assert "[hotplug took]" in render(step) and "1.235 ms" in render(step)
+
+
+def test_catalog_expect_rules_are_checked():
+    import pytest
+
+    from qtrace_bpf.catalog import parse_catalog
+
+    good = '[[expect]]\nioctl = "KVM_SET_TSC_KHZ"\nphases = ["boot"]\nsource = "kvm.c"\n'
+    assert parse_catalog(good).unexpected("KVM_SET_TSC_KHZ", "reset")
+    for bad, why in ((good.replace("KVM_SET_TSC_KHZ", "KVM_RUN"), "state-writing"),
+                     (good.replace('"boot"', '"boot", "later"'), "phases"),
+                     (good.replace('source = "kvm.c"\n', ""), "QEMU code"),
+                     (good + "why = 1\n", "unknown key")):
+        with pytest.raises(ValueError, match=why):
+            parse_catalog(bad)
+
+
+def test_watch_filter():
+    import pytest
+
+    from qtrace_bpf.errors import QtraceError
+    from qtrace_bpf.watch_filter import EventFilter
+
+    f = EventFilter.parse((1,), ("set_tsc_khz",), ())
+    write = {"kind": "state_write", "event": "KVM_SET_TSC_KHZ", "vcpu": 1, "phase": "boot"}
+    assert f(write) and not f({**write, "vcpu": 0})
+    assert not f({**write, "event": "KVM_SET_LAPIC"})
+    assert not f({"kind": "lifecycle", "event": "system_reset", "vcpu": None, "phase": "reset"})
+    by_phase = EventFilter.parse((), (), ("reset",))
+    assert by_phase({"kind": "lifecycle", "event": "x", "vcpu": None, "phase": "reset"})
+    assert not by_phase(write)
+    assert EventFilter.parse((), (), ())(write)
+    with pytest.raises(QtraceError, match="state-writing"):
+        EventFilter.parse((), ("KVM_RUN",), ())
+    with pytest.raises(QtraceError, match="one of boot"):
+        EventFilter.parse((), (), ("later",))

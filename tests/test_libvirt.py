@@ -191,6 +191,11 @@ def test_daemon_through_a_domains_life_under_libvirt(libvirt, gcc):
         assert info[a.name]["pid"] == str(restored_pid)  # restored: same name, new pid
         assert not [n for n in info if n.startswith(("pid-", f"{a.name}~"))], info
         assert samples(m, "qtrace_non_vm_processes_total")[0][1] >= 1  # the probes
+        # save/restore is an incoming migration: its TSC writes are expected ones
+        unexpected = samples(m, "qtrace_unexpected_state_writes_total", vm=a.name)
+        assert unexpected and not any(v for _, v in unexpected), unexpected
+        assert samples(m, "qtrace_lifecycle_duration_seconds_count", vm=a.name,
+                       step="migration")[0][1] == 1
         virsh("destroy", a.name)
 
         # a package reinstall under a running domain, then a domain on the new binary
@@ -223,6 +228,11 @@ def test_daemon_through_a_domains_life_under_libvirt(libvirt, gcc):
                        timeout=30)
         for dom in (b, c):
             assert ours(m, dom.name) == dom.oracle(numbers), dom.name
+            assert not any(v for _, v in samples(m, "qtrace_unexpected_state_writes_total",
+                                                 vm=dom.name)), dom.name
+        # setvcpus --live: one vCPU hotplug, timed
+        assert samples(m, "qtrace_lifecycle_duration_seconds_count", vm=c.name,
+                       step="hotplug")[0][1] == 1
         assert d.proc.poll() is None
         assert "Traceback" not in "".join(d.log)
         assert not [n for n in {lab["vm"] for lab, _ in samples(m, "qtrace_vm_info")}

@@ -4,11 +4,25 @@ a write changed them, as the daemon exports them, against what strace saw QEMU p
 from __future__ import annotations
 
 import re
+import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, check_kvm, daemon_toml, free_port, host_tsc_khz, samples
+from conftest import (
+    ROOT,
+    DaemonProcess,
+    check_kvm,
+    daemon_toml,
+    free_port,
+    host_tsc_khz,
+    popen,
+    require,
+    samples,
+    vcpu_fd,
+)
 from strace_count import strace_argv
 
 from qtrace_bpf.demo_qemu import DemoQemu
@@ -60,5 +74,49 @@ def test_value_gauges_equal_what_qemu_passed(tmp_path):
                        samples(d.metrics(), "qtrace_state_value_changes_total", vm="values")}
             # rewritten at reset and at every put with the same values: no change counted
             assert changes.get("tsc_khz", 0) == 0, changes
+    finally:
+        assert d.stop() == 0, "".join(d.log)
+
+
+def test_apic_base_gauge_equals_an_independent_reader(tmp_path):
+    """qtrace_vcpu_apic_base per vCPU equals the last APIC base that bpftrace read from the
+    ioctl arguments itself (tests/bpftrace/apic_base.bt: its own struct offsets), through
+    boot, a hot-added vCPU and a reset: the BSP has bit 8, the hot-added AP not."""
+    check_kvm()
+    bpftrace = shutil.which("bpftrace")
+    require("bpftrace", bpftrace is not None, "apt-get install bpftrace")
+    port = free_port()
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(daemon_toml(port, rescan_interval=1))
+    d = DaemonProcess(cfg, port)
+    try:
+        with DemoQemu("apic", preconfig=True, smp="1,maxcpus=2") as vm:
+            bt = popen([bpftrace, str(ROOT / "tests" / "bpftrace" / "apic_base.bt"),
+                        str(vm.pid)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert bt.stdout is not None
+            first = bt.stdout.readline()
+            assert first.startswith("Attaching"), first + bt.stderr.read() if bt.stderr else ""
+            vm.cmd("x-exit-preconfig")
+            vm.cmd("cont")
+            time.sleep(0.3)
+            vm.hotplug_cpu()
+            time.sleep(0.3)
+            vm.cmd("system_reset")
+            time.sleep(0.5)
+            fds = {vcpu_fd(vm.pid, n): n for n in (0, 1)}
+
+            def exported(m):
+                got = {lab["vcpu"]: int(v) for lab, v in samples(m, "qtrace_vcpu_apic_base",
+                                                                  vm="apic")}
+                return got if set(got) == {"0", "1"} else None
+
+            ours = d.wait_for(exported)
+            bt.send_signal(signal.SIGINT)
+            out, _ = bt.communicate(timeout=30)
+        seen = sorted((int(ns), int(fd), int(val)) for _, fd, val, ns in
+                      (line.split() for line in out.splitlines() if line.startswith("apic ")))
+        last = {str(fds[fd]): val for _, fd, val in seen if fd in fds}
+        assert ours == last, (ours, last)
+        assert last["0"] & 0x100 and not last["1"] & 0x100, last  # BSP bit
     finally:
         assert d.stop() == 0, "".join(d.log)

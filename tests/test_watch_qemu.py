@@ -8,8 +8,17 @@ import time
 from collections import Counter, defaultdict
 
 import pytest
-from conftest import Watcher, added, bpf_state, check_kvm, host_tsc_khz, wait_settled
-from strace_count import count_state_writes, strace_argv
+from conftest import (
+    Watcher,
+    added,
+    bpf_state,
+    call_ioctl_inside,
+    check_kvm,
+    host_tsc_khz,
+    vcpu_fd,
+    wait_settled,
+)
+from strace_count import count_state_writes, strace_argv, strace_times
 
 from qtrace_bpf.demo_qemu import DemoQemu
 
@@ -23,6 +32,28 @@ def writes(events: list[dict], **match: object) -> list[dict]:
 
 def phases_of(events: list[dict], vcpu: int, ioctl: str) -> set[str]:
     return {e["phase"] for e in writes(events, vcpu=vcpu, event=ioctl)}
+
+
+def steps_with_spans(events: list[dict], trace: str) -> list[tuple[dict, float, int]]:
+    """Each `step` event, with strace's span (last minus first entry time) of the writes
+    that belong to it and their number: the writes of its phase since the last step of
+    that phase.  strace's clock and log, not qtrace's, measure the span."""
+    times = iter(strace_times(events, trace))
+    pending: dict[str, list[float]] = defaultdict(list)
+    out = []
+    for e in events:
+        if e["kind"] == "state_write":
+            pending[e["phase"]].append(next(times))
+        elif e["kind"] == "step":
+            ts = pending.pop(e["phase"], [])
+            out.append((e, max(ts) - min(ts) if ts else 0.0, len(ts)))
+    return out
+
+
+def assert_no_unexpected(events: list[dict]) -> None:
+    """Every write in its expected phase: the summary and the event stream agree."""
+    assert events[-1]["kind"] == "summary" and events[-1]["unexpected"] == {}, events[-1]
+    assert not [e for e in events if e.get("unexpected")]
 
 
 def qmp_resets(vm: DemoQemu) -> Counter:
@@ -64,8 +95,8 @@ def lifecycle_run(tmp_path_factory, qemu):
         strace.wait(30)
         rc, events = watcher.wait()
         yield {"rc": rc, "events": events[:-1], "summary": events[-1], "resets": resets,
-               "strace": count_state_writes(trace), "watcher": watcher, "during": during,
-               "after": wait_settled(before)}
+               "strace": count_state_writes(trace), "trace": trace, "all": events,
+               "watcher": watcher, "during": during, "after": wait_settled(before)}
     finally:
         vm.close()
 
@@ -83,7 +114,7 @@ def test_json_contract_fields(lifecycle_run):
         for key in ("ts", "vm", "pid", "tid", "vcpu", "kind", "event", "phase"):
             assert key in ev, (key, ev)
         assert ev["vm"] == "lifecycle-e2e"
-        assert ev["kind"] in ("lifecycle", "state_write")
+        assert ev["kind"] in ("lifecycle", "state_write", "step")
         assert ev["phase"] in ("boot", "reset", "hotplug", "migration", "runtime")
 
 
@@ -98,6 +129,22 @@ def test_counts_equal_strace(lifecycle_run):
     stream = Counter((e["vcpu"], e["event"]) for e in writes(lifecycle_run["events"])
                      if not e.get("error"))
     assert stream == ours
+
+
+def test_no_unexpected_writes_in_boot_hotplug_reset(lifecycle_run):
+    assert_no_unexpected(lifecycle_run["all"])
+
+
+def test_step_durations_cover_their_writes(lifecycle_run):
+    """One step per hotplug (QMP, HMP) and per reset QMP reported; each lasts at least as
+    long as its writes took in strace's timestamps, and under a second."""
+    steps = steps_with_spans(lifecycle_run["events"], lifecycle_run["trace"])
+    assert Counter(e["step"] for e, _, _ in steps) == {
+        "hotplug": 2, "reset": sum(lifecycle_run["resets"].values())}, steps
+    for e, span, n in steps:
+        assert n > 0 and span <= e["seconds"] < 1.0, (e, span, n)
+    assert lifecycle_run["summary"]["steps"] == [
+        {"step": e["step"], "seconds": e["seconds"]} for e, _, _ in steps]
 
 
 def test_boot_phase_in_full(lifecycle_run):
@@ -219,10 +266,36 @@ def test_guest_initiated_reset(qemu):
     assert rc == 0, w.stderr
     assert resets["guest-reset"] >= 2
     assert events[-1]["resets"] == dict(resets)
+    assert_no_unexpected(events)
     guest = [e for e in writes(events[:-1], event="KVM_SET_LAPIC") if e["phase"] == "reset"]
     assert guest and {e["cause"] for e in guest} == {"guest-reset"}
     assert {e["apic_base"] for e in writes(events[:-1], event="KVM_SET_SREGS2")
             if e["phase"] == "reset"} == {"0xfee00900"}
+
+
+def test_watch_by_name_filters_and_marks_unexpected(kvm_caps, tmp_path):
+    """`watch --vm NAME --ioctl set_tsc_khz` prints only that ioctl's writes: the hot-added
+    vCPU's (expected) and one made from inside QEMU at runtime (marked unexpected); the
+    summary still counts every write."""
+    with DemoQemu("tsc-watch", paused=False) as vm:
+        time.sleep(0.3)
+        w = Watcher(None, "--vm", "tsc-watch", "--ioctl", "set_tsc_khz")
+        assert f"pid {vm.pid}" in w.attached_line and "showing only ioctl" in w.attached_line
+        vm.cmd("stop")
+        assert call_ioctl_inside(vm.pid, vcpu_fd(vm.pid), 0xAEA2, host_tsc_khz(), tmp_path) == 0
+        vm.cmd("cont")
+        vm.hotplug_cpu()
+        time.sleep(0.3)
+        vm.quit()
+        rc, events = w.wait()
+    assert rc == 0, w.stderr
+    ev, summary = events[:-1], events[-1]
+    assert ev and {(e["kind"], e["event"]) for e in ev} == {("state_write", "KVM_SET_TSC_KHZ")}
+    odd = [(e["vcpu"], e["phase"]) for e in ev if e.get("unexpected")]
+    assert odd == [(0, "runtime")], ev
+    assert {e["phase"] for e in ev if e["vcpu"] == 1} == {"hotplug"}
+    assert summary["unexpected"] == {"KVM_SET_TSC_KHZ": 1}
+    assert {r["ioctl"] for r in summary["writes"]} > {"KVM_SET_TSC_KHZ", "KVM_SET_LAPIC"}
 
 
 def attach_strace(pid: int, trace: str) -> subprocess.Popen:
@@ -302,6 +375,11 @@ def test_incoming_migration_phase(qemu, tmp_path):
     for row in summary["writes"]:
         ours[(row["vcpu"], row["ioctl"])] += row["count"]
     assert ours == count_state_writes(trace)
+    assert_no_unexpected(events)
+    steps = steps_with_spans(ev, trace)
+    assert [e["step"] for e, _, _ in steps] == ["migration", "reset"], steps
+    for e, span, n in steps:
+        assert n > 0 and span <= e["seconds"] < 1.0, (e, span, n)
 
 
 def test_failed_incoming_migration_closes_its_window(qemu, tmp_path):
@@ -333,6 +411,7 @@ def test_failed_incoming_migration_closes_its_window(qemu, tmp_path):
     ev = events[:-1]
     hot = writes(ev, vcpu=1)
     assert hot and {e["phase"] for e in hot} == {"hotplug"}, Counter(e["phase"] for e in hot)
+    assert_no_unexpected(events)
     lifecycle = [e["event"] for e in ev if e["kind"] == "lifecycle"]
     assert lifecycle.index("migration_load") < lifecycle.index("migration_done")
 
@@ -362,6 +441,8 @@ def test_loadvm_is_its_own_reset_cause(qemu, tmp_path):
     ev, summary = events[:-1], events[-1]
     assert summary["resets"].pop("snapshot-load") == 1
     assert summary["resets"] == dict(resets) == {"host-qmp-system-reset": 1}
+    assert_no_unexpected(events)
+    assert [st["step"] for st in summary["steps"]] == ["reset", "migration", "reset"]
     lapic = writes(ev, vcpu=0, event="KVM_SET_LAPIC")
     phases = [(e["phase"], e.get("cause")) for e in lapic]
     assert ("reset", "snapshot-load") in phases and ("migration", None) in phases, phases
