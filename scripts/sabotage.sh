@@ -84,3 +84,11 @@ edit systemd/qtrace.service 'User=qtrace' 'User=root'
 run non_root FAILED tests/test_systemd.py -k "apt_install"
 edit exporters/metrics.py '                fam.samples[(vm.name, str(key.vcpu))] = float(value)' '                fam.samples[(vm.name, str(key.vcpu))] = float(value) + 1'
 run value_gauge FAILED tests/test_values.py
+edit probes/catalog.toml 'phases = ["boot", "hotplug", "migration"]' 'phases = ["boot", "hotplug", "migration", "runtime"]'
+run expect_rule FAILED tests/test_daemon.py -k "unexpected"
+edit probes/qtrace.bpf.c 'step_done(ps, S_HOTPLUG, ps->step_end[S_HOTPLUG], tgid, tid);' 'step_done(ps, S_HOTPLUG, 0, tgid, tid);'
+run hotplug_step FAILED tests/test_watch_qemu.py -k "step_durations and debian"
+edit probes/qtrace.bpf.c '            ps->step_end[S_RESET] = now;  // the last one wins' '            ps->step_end[S_RESET] = ps->step_end[S_RESET] ? ps->step_end[S_RESET] : now;'
+run reset_step_end FAILED tests/test_watch_qemu.py -k "step_durations and debian"
+edit probes/qtrace.bpf.c '(void *)(arg + offsetof(struct kvm_sregs, apic_base)));' '(void *)(arg + offsetof(struct kvm_sregs, efer)));'
+run apic_offset FAILED tests/test_values.py -k "independent"
