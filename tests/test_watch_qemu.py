@@ -34,18 +34,35 @@ def phases_of(events: list[dict], vcpu: int, ioctl: str) -> set[str]:
     return {e["phase"] for e in writes(events, vcpu=vcpu, event=ioctl)}
 
 
+# The lifecycle events that open each step (the first one, when they nest).
+OPENS = {"reset": ("system_reset",), "hotplug": ("device_add", "device_add_qmp"),
+         "migration": ("migration_load",)}
+
+
 def steps_with_spans(events: list[dict], trace: str) -> list[tuple[dict, float, int]]:
     """Each `step` event, with strace's span (last minus first entry time) of the writes
     that belong to it and their number: the writes of its phase since the last step of
-    that phase.  strace's clock and log, not qtrace's, measure the span."""
+    that phase.  strace's clock and log, not qtrace's, measure the span.  Also checks the
+    step against qtrace's own event times: it lasts at least from its opening function's
+    entry to its last write's return (the end is the last put's return, not the first)."""
     times = iter(strace_times(events, trace))
     pending: dict[str, list[float]] = defaultdict(list)
+    opened: dict[str, float] = {}
+    last_write: dict[str, float] = {}
     out = []
     for e in events:
-        if e["kind"] == "state_write":
+        if e["kind"] == "lifecycle":
+            for step, names in OPENS.items():
+                if e["event"] in names and e["phase"] == step and step not in opened:
+                    opened[step] = e["ts"]
+        elif e["kind"] == "state_write":
             pending[e["phase"]].append(next(times))
+            last_write[e["phase"]] = e["ts"]
         elif e["kind"] == "step":
             ts = pending.pop(e["phase"], [])
+            start, last = opened.pop(e["step"]), last_write.pop(e["phase"], None)
+            if last is not None:  # event times are rounded to 1 us
+                assert e["seconds"] >= last - start - 2e-6, (e, start, last)
             out.append((e, max(ts) - min(ts) if ts else 0.0, len(ts)))
     return out
 
