@@ -82,11 +82,12 @@ class Attachments:
         try:
             if self.multi:
                 made += self._multi(plan, uprobes)
-            for offset, slot, kind in ([] if self.multi else uprobes):
-                pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}"
+            for offset, slot, kind, ref in ([] if self.multi else uprobes):
+                pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}" + (f"-r{ref:x}" if ref
+                                                                         else "")
                 if self.link(f"qt_{kind}_{slot}", pin_name,
-                             lambda o=offset, r=(kind == "return"):
-                             perf_events.uprobe_event(plan.path, o, r)):
+                             lambda o=offset, r=(kind == "return"), c=ref:
+                             perf_events.uprobe_event(plan.path, o, r, c)):
                     made.append(pin_name)
         except AttachError as exc:
             self._undo_to(mark, made)
@@ -98,22 +99,24 @@ class Attachments:
         self.uprobe_count += len(uprobes)
         self.log_replaced(replaced)
 
-    def _multi(self, plan: AttachPlan, uprobes: list[tuple[int, int, str]]) -> list[str]:
+    def _multi(self, plan: AttachPlan, uprobes: list[tuple[int, int, str, int]]) -> list[str]:
         """One uprobe_multi link per handler: its offsets in this file.  Pin names carry the
         offsets' digest: another build of the file at the same inode is another link."""
-        by_handler: dict[tuple[int, str], list[int]] = {}
-        for offset, slot, kind in uprobes:
-            by_handler.setdefault((slot, kind), []).append(offset)
+        by_handler: dict[tuple[int, str], list[tuple[int, int]]] = {}
+        for offset, slot, kind, ref in uprobes:
+            by_handler.setdefault((slot, kind), []).append((offset, ref))
         made = []
         dev, ino = plan.key
-        for (slot, kind), offsets in sorted(by_handler.items()):
-            offsets = sorted(offsets)
-            digest = zlib.crc32(",".join(f"{o:x}" for o in offsets).encode())
+        for (slot, kind), sites in sorted(by_handler.items()):
+            sites = sorted(sites)
+            offsets, refs = [o for o, _ in sites], [r for _, r in sites]
+            digest = zlib.crc32(",".join(f"{o:x}:{r:x}" if r else f"{o:x}"
+                                         for o, r in sites).encode())
             pin_name = f"u-{dev}-{ino}-{slot}-{kind}-{digest:08x}"
 
-            def make(fd: int, offsets=offsets, ret=(kind == "return")) -> int:
+            def make(fd: int, offsets=offsets, refs=refs, ret=(kind == "return")) -> int:
                 try:
-                    return bpfsys.link_uprobe_multi(fd, plan.path, offsets, ret)
+                    return bpfsys.link_uprobe_multi(fd, plan.path, offsets, ret, refs)
                 except OSError as exc:
                     reason = "vanished" if exc.errno in (errno.ENOENT, errno.ESRCH) \
                         else "attach_failed"

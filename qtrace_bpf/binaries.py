@@ -15,6 +15,7 @@ from . import elfsym
 from .catalog import Catalog, Probe, absent_in
 from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .debuginfod import Debuginfod
+from .elf import UsdtSite
 from .elfsym import Resolution, Symbol
 from .errors import AttachError, ElfError
 
@@ -38,6 +39,8 @@ class PlannedProbe:
     notes: list[str] = field(default_factory=list)
     inlined_offsets: list[int] = field(default_factory=list)  # extra entry probes
     lost_detail: list[str] = field(default_factory=list)  # what a clone's entry cannot tell
+    usdt: str | None = None  # the static probe used instead of a function ("qemu:name")
+    usdt_sites: list[UsdtSite] = field(default_factory=list)
 
     @property
     def trust_args(self) -> bool:
@@ -45,7 +48,7 @@ class PlannedProbe:
 
     @property
     def ok(self) -> bool:
-        return self.symbol is not None or bool(self.inlined_offsets)
+        return self.symbol is not None or bool(self.inlined_offsets) or bool(self.usdt_sites)
 
 
 @dataclass
@@ -65,18 +68,20 @@ class AttachPlan:
         """catalog slot -> the function probed for it."""
         return {a.probe.slot: a.function for a in self.attached if a.ok and a.function}
 
-    def uprobes(self) -> list[tuple[int, int, str]]:
-        """(file offset, catalog slot, handler kind) for every uprobe of this plan: kind
-        "entry" and "return", or "blind" (an entry whose registers are not the function's
-        arguments: a GCC clone that changes them, or an inlined instance)."""
+    def uprobes(self) -> list[tuple[int, int, str, int]]:
+        """(file offset, catalog slot, handler kind, semaphore offset) for every uprobe of
+        this plan: kind "entry" and "return", or "blind" (an entry whose registers are not
+        the function's arguments: a GCC clone that changes them, an inlined instance, a
+        USDT site).  The semaphore offset (0: none) is a USDT site's enabling counter."""
         out = []
         for att in self.attached:
             slot = att.probe.slot
-            out += [(off, slot, "blind") for off in att.inlined_offsets]
+            out += [(off, slot, "blind", 0) for off in att.inlined_offsets]
+            out += [(site.offset, slot, "blind", site.semaphore) for site in att.usdt_sites]
             if att.symbol is not None:
-                out.append((att.symbol.offset, slot, "entry" if att.trust_args else "blind"))
+                out.append((att.symbol.offset, slot, "entry" if att.trust_args else "blind", 0))
                 if att.probe.has_return:
-                    out.append((att.symbol.offset, slot, "return"))
+                    out.append((att.symbol.offset, slot, "return", 0))
         return out
 
 
@@ -90,13 +95,27 @@ def clone_losses(probe: Probe) -> list[str]:
     return [_ARG_LOSSES.get(a, a) for a in (probe.arg1, probe.arg2) if a]
 
 
+def usdt_wanted() -> bool:
+    """QTRACE_USDT=off: probe the catalog's functions even where the binary has the static
+    probes the catalog prefers (to compare both sources)."""
+    return os.environ.get("QTRACE_USDT", "on") != "off"
+
+
 def plan_probes(catalog: Catalog, res: Resolution) -> list[PlannedProbe]:
     """catalog x symbols = attach points; anything that does not resolve says why."""
     out = []
+    use_usdt = usdt_wanted()
     for probe in catalog.probes:
         chosen: PlannedProbe | None = None
         reasons = []
-        for fn in probe.functions:
+        for name in probe.usdt if use_usdt else ():
+            sites = res.usdt.get(name)
+            if sites:  # a static probe: a stable interface, where the build has it
+                chosen = PlannedProbe(probe, None, f"usdt {name}", usdt=name, usdt_sites=sites,
+                                      notes=[f"static probe {name} ({len(sites)} site(s)) "
+                                             f"instead of {probe.functions[0]}"])
+                break
+        for fn in probe.functions if chosen is None else ():
             syms = res.found.get(fn)
             inlined = res.inlined_offsets(fn) if probe.attach_inlined else []
             if not syms and inlined:

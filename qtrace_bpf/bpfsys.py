@@ -68,14 +68,18 @@ class _UprobeMultiAttr(ct.Structure):
 _libc = ct.CDLL(None, use_errno=True)
 
 
-def link_uprobe_multi(prog_fd: int, path: str, offsets: list[int], retprobe: bool) -> int:
+def link_uprobe_multi(prog_fd: int, path: str, offsets: list[int], retprobe: bool,
+                      ref_ctrs: list[int] | None = None) -> int:
     """One BPF link holding prog_fd on uprobes at these file offsets of `path`, every
     process (kernel >= 6.6).  Needs CAP_BPF and CAP_PERFMON only, where a uprobe perf event
-    may need CAP_SYS_ADMIN; raises OSError with the errno."""
+    may need CAP_SYS_ADMIN; raises OSError with the errno.  ref_ctrs: per offset, the file
+    offset of its USDT semaphore (0: none)."""
     offs = (ct.c_uint64 * len(offsets))(*offsets)
+    refs = (ct.c_uint64 * len(offsets))(*ref_ctrs) if ref_ctrs and any(ref_ctrs) else None
     cpath = ct.create_string_buffer(path.encode())
     attr = _UprobeMultiAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_UPROBE_MULTI,
                             path=ct.addressof(cpath), offsets=ct.addressof(offs),
+                            ref_ctr_offsets=ct.addressof(refs) if refs is not None else 0,
                             cnt=len(offsets),
                             uflags=BPF_F_UPROBE_MULTI_RETURN if retprobe else 0)
     fd = _libc.syscall(NR_BPF, BPF_LINK_CREATE, ct.byref(attr), ct.sizeof(attr))

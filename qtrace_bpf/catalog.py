@@ -33,6 +33,7 @@ class Probe:
     inlined: tuple[str, ...] = ()
     since: str = ""  # first QEMU version that has the function
     attach_inlined: bool = False  # also probe inlined instances found in DWARF
+    usdt: tuple[str, ...] = ()  # static probes ("provider:name") used instead, where present
 
     @property
     def action_id(self) -> int:
@@ -113,6 +114,10 @@ def parse_catalog(text: str) -> Catalog:
             if meaning is not None and meaning not in ARG_MEANINGS:
                 raise ValueError(f"catalog: {raw['event']}: arg{n} = {meaning!r}: not one of "
                                  f"{', '.join(ARG_MEANINGS)}")
+        if raw.get("usdt") and (raw["action"] != "mark" or raw.get("arg1") or raw.get("arg2")):
+            raise ValueError(f"catalog: {raw['event']}: a USDT site replaces only a `mark` "
+                             "probe without arguments (it has no return, and its arguments "
+                             "are not in rdi/rsi)")
         if raw["action"] in KERNEL_ARGS:
             n, meaning = KERNEL_ARGS[raw["action"]]
             if raw.get(f"arg{n}") != meaning:
@@ -131,6 +136,7 @@ def parse_catalog(text: str) -> Catalog:
                 inlined=tuple(raw.get("inlined", ())),
                 since=raw.get("since", ""),
                 attach_inlined=bool(raw.get("attach_inlined", False)),
+                usdt=tuple(raw.get("usdt", ())),
             )
         )
     expects = tuple(parse_expect(raw) for raw in data.get("expect", []))

@@ -11,6 +11,7 @@ import io
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError as PyElfError
 from elftools.elf.elffile import ELFFile
@@ -110,6 +111,76 @@ def debuglink(elf: ELFFile) -> tuple[str, int] | None:
         return None
     (crc,) = struct.unpack_from("<I", data, crc_at)
     return data[:end].decode(errors="replace"), crc
+
+
+@dataclass(frozen=True)
+class Usdt:
+    """A static probe site (SystemTap SDT note, what `dtrace -G` builds): `provider:name`
+    at `pc`, enabled by the 16-bit counter at `semaphore` (0: none)."""
+
+    provider: str
+    name: str
+    pc: int
+    semaphore: int
+    args: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.provider}:{self.name}"
+
+
+_NOTE = struct.Struct("<III")  # namesz, descsz, type
+NT_STAPSDT = 3
+
+
+def usdt_notes(elf: ELFFile) -> list[Usdt]:
+    """The binary's .note.stapsdt entries, addresses adjusted as SystemTap does when the
+    file was prelinked (.stapsdt.base moved)."""
+    sec = elf.get_section_by_name(".note.stapsdt")
+    if sec is None:
+        return []
+    base_sec = elf.get_section_by_name(".stapsdt.base")
+    data, pos, out = sec.data(), 0, []
+    while pos + _NOTE.size <= len(data):
+        namesz, descsz, ntype = _NOTE.unpack_from(data, pos)
+        name_at = pos + _NOTE.size
+        desc_at = name_at + ((namesz + 3) & ~3)
+        pos = desc_at + ((descsz + 3) & ~3)
+        if ntype != NT_STAPSDT or data[name_at:name_at + namesz].rstrip(b"\0") != b"stapsdt" \
+                or descsz < 27 or pos > len(data) + 3:
+            continue
+        desc = data[desc_at:desc_at + descsz]
+        pc, base, sem = struct.unpack_from("<QQQ", desc)
+        provider, name, args = (desc[24:].split(b"\0") + [b"", b"", b""])[:3]
+        if base_sec is not None and base:
+            delta = base_sec["sh_addr"] - base
+            pc += delta
+            sem = sem + delta if sem else 0
+        out.append(Usdt(provider.decode(errors="replace"), name.decode(errors="replace"), pc,
+                        sem, args.decode(errors="replace")))
+    return out
+
+
+@dataclass(frozen=True)
+class UsdtSite:
+    """Where a static probe's uprobe goes: file offsets of the site and its semaphore."""
+
+    offset: int
+    semaphore: int  # 0: no semaphore
+    vaddr: int
+
+
+def usdt_sites(elf: ELFFile, loads: list[tuple[int, int, int]]) -> dict[str, list[UsdtSite]]:
+    """The binary's static probes by "provider:name", placed in the file (sites outside
+    any PT_LOAD are dropped: a uprobe cannot go there)."""
+    out: dict[str, list[UsdtSite]] = {}
+    for note in usdt_notes(elf):
+        off = vaddr_to_offset(loads, note.pc)
+        sem = vaddr_to_offset(loads, note.semaphore) if note.semaphore else 0
+        if off is None or sem is None:
+            continue
+        out.setdefault(note.full_name, []).append(UsdtSite(off, sem, note.pc))
+    return out
 
 
 def has_debug_info(elf: ELFFile) -> bool:

@@ -79,6 +79,7 @@ class Resolution:
     dwarf: bool = False
     loads: list[tuple[int, int, int]] = field(default_factory=list)  # PT_LOAD (vaddr, filesz, off)
     retry: bool = False  # a debuginfod fetch failed: do not cache this resolution
+    usdt: dict[str, list[elfio.UsdtSite]] = field(default_factory=dict)  # "prov:name" -> sites
 
     def inlined_offsets(self, name: str) -> list[int]:
         """File offsets of the inlined instances of `name` (for uprobes)."""
@@ -274,6 +275,7 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
                     f"debug symbols: install the debug symbols for build-id "
                     f"{binary.build_id or '?'} ({where}), or name a debuginfod server "
                     "(DEBUGINFOD_URLS)")
+        res.usdt = elfio.usdt_sites(binary.elf, res.loads)
         res.dwarf = binary.dwarf_path is not None
         res.retry = binary.debug.fetch_failed
         res.inlined = binary.inlined_instances(inline_names, res.found)

@@ -50,11 +50,13 @@ def _pmu_type(name: str) -> int:
         return int(f.read())
 
 
-def uprobe_event(path: str, offset: int, retprobe: bool) -> int:
-    """A perf event on the uprobe at (file, offset), all processes."""
+def uprobe_event(path: str, offset: int, retprobe: bool, ref_ctr: int = 0) -> int:
+    """A perf event on the uprobe at (file, offset), all processes.  ref_ctr: the file
+    offset of a USDT semaphore the kernel counts up while the probe is attached."""
     attr = PerfEventAttr()
     attr.type = _pmu_type("uprobe")
-    attr.config = 1 if retprobe else 0  # format/retprobe: config:0
+    # format/retprobe: config:0; format/ref_ctr_offset: config:32-63
+    attr.config = (1 if retprobe else 0) | (ref_ctr << 32)
     path_buf = ct.create_string_buffer(path.encode())
     attr.config1 = ct.addressof(path_buf)
     attr.config2 = offset

@@ -40,6 +40,13 @@ def symbols_report(binary: str | None, pid: int | None,
                        address=f"{s.vaddr:#x}", offset=f"{s.offset:#x}", size=s.size,
                        binding=s.binding, first_insn=s.first_insn, emulated=s.emulated,
                        args_read=att.trust_args, lost=att.lost_detail, notes=att.notes)
+        elif att.usdt_sites:
+            site = att.usdt_sites[0]
+            row.update(function=att.function, symbol=f"{att.usdt} ({len(att.usdt_sites)} site(s))",
+                       source="usdt", address=f"{site.vaddr:#x}", offset=f"{site.offset:#x}",
+                       size=0, binding="-", first_insn="nop", emulated=True, args_read=False,
+                       semaphore=f"{site.semaphore:#x}" if site.semaphore else None,
+                       lost=[], notes=att.notes)
         elif att.ok:
             row.update(function=att.function, symbol=f"{att.function} (inlined)",
                        source="DWARF inlined", address="-", offset="-", size=0,

@@ -5,6 +5,8 @@
 # or with debug info.  Tests and benchmarks run the same scenarios on this build too.
 #
 #   bash scripts/build-qemu.sh            # prints the path of qemu-system-x86_64 on stdout
+#   bash scripts/build-qemu.sh --dtrace   # the same with --enable-trace-backends=dtrace:
+#                                         # static (USDT) probes, as RHEL builds QEMU
 #   QTRACE_QEMU_VERSION=1:10.0.13+ds-0+deb13u1 bash scripts/build-qemu.sh
 #
 # The host's apt configuration is not touched: the trixie deb-src index lives in the cache
@@ -17,7 +19,11 @@ say() { printf 'build-qemu: %s\n' "$*" >&2; }
 
 want=${QTRACE_QEMU_VERSION:-1:10.0.13+ds-0+deb13u1}
 cache=${QTRACE_QEMU_CACHE:-/var/cache/qtrace/qemu}
-safe=${want//:/_}
+variant=""; trace_opts=()
+if [ "${1:-}" = "--dtrace" ]; then
+  variant="-dtrace"; trace_opts=(--enable-trace-backends=dtrace)
+fi
+safe=${want//:/_}$variant
 out=$cache/$safe
 bin=$out/bin/qemu-system-x86_64
 
@@ -28,6 +34,7 @@ if [ "$(id -u)" != 0 ]; then say "must run as root (apt build dependencies)"; ex
 
 DEPS=(dpkg-dev ninja-build flex bison pkgconf libglib2.0-dev libpixman-1-dev zlib1g-dev
       python3-venv libfdt-dev seabios qemu-system-data)
+[ -n "$variant" ] && DEPS+=(systemtap-sdt-dev)  # dtrace(1) and <sys/sdt.h>
 . "$(dirname "$0")/apt-ensure.sh"
 apt_ensure "${DEPS[@]}"
 
@@ -50,7 +57,7 @@ version=$want
 if ! grep -qxF "$want" <<<"$versions"; then
   # Debian keeps only the newest point release of a suite; say so and build that one.
   say "qemu $want is no longer in trixie; building $have instead"
-  version=$have; safe=${version//:/_}; out=$cache/$safe; bin=$out/bin/qemu-system-x86_64
+  version=$have; safe=${version//:/_}$variant; out=$cache/$safe; bin=$out/bin/qemu-system-x86_64
   if [ -x "$bin" ] && [ -e "$out/.done" ]; then echo "$bin"; exit 0; fi
 fi
 
@@ -73,7 +80,7 @@ mkdir -p "$build"
 say "configure (x86_64-softmmu, kvm, no tcg); build log: $build/build.log"
 (cd "$build" && PATH=$venv/bin:$PATH ../configure --python="$venv/bin/python3" \
    --target-list=x86_64-softmmu --enable-kvm --disable-tcg --disable-docs --disable-werror --disable-download --disable-install-blobs \
-   --prefix="$out" >"$build/build.log" 2>&1) || { tail -n 30 "$build/build.log" >&2; exit 1; }
+   "${trace_opts[@]}" --prefix="$out" >"$build/build.log" 2>&1) || { tail -n 30 "$build/build.log" >&2; exit 1; }
 start=$(date +%s)
 say "ninja qemu-system-x86_64 ($(nproc) cores; a few minutes)"
 (cd "$build" && PATH=$venv/bin:$PATH ninja qemu-system-x86_64 >>"$build/build.log" 2>&1) \

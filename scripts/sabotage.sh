@@ -94,3 +94,5 @@ edit probes/qtrace.bpf.c "        ps->step_end[S_RESET] = now;  // the last one 
 run reset_step_end FAILED tests/test_watch_qemu.py -k "step_durations and debian"
 edit probes/qtrace.bpf.c '(void *)(arg + offsetof(struct kvm_sregs, apic_base)));' '(void *)(arg + offsetof(struct kvm_sregs, efer)));'
 run apic_offset FAILED tests/test_values.py -k "independent"
+edit qtrace_bpf/binaries.py '(site.offset, slot, "blind", site.semaphore)' '(site.offset, slot, "blind", 0)'
+run usdt_semaphore FAILED tests/test_watch_qemu.py -k "usdt_and_function"

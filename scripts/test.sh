@@ -12,6 +12,9 @@ if qemu10=$(bash scripts/build-qemu.sh); then
 else
   echo "test: the upstream QEMU build failed: its scenarios skip (and fail under CI)" >&2
 fi
+# ...and once more with --enable-trace-backends=dtrace, for the USDT source of events.
+bash scripts/build-qemu.sh --dtrace >/dev/null \
+  || echo "test: the dtrace QEMU build failed: its tests skip (and fail under CI)" >&2
 .venv/bin/ruff check .
 # The unit tests once more on Debian 12's own Python packages (what the .deb runs on).
 bash scripts/test-debian-deps.sh -q

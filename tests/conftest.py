@@ -76,7 +76,14 @@ def upstream_qemu() -> str | None:
     path = os.environ.get("QTRACE_UPSTREAM_QEMU")
     if path:
         return path if os.access(path, os.X_OK) else None
-    found = sorted(glob.glob("/var/cache/qtrace/qemu/*/bin/qemu-system-x86_64"))
+    found = sorted(p for p in glob.glob("/var/cache/qtrace/qemu/*/bin/qemu-system-x86_64")
+                   if "-dtrace/" not in p)
+    return found[-1] if found else None
+
+
+def dtrace_qemu() -> str | None:
+    """The upstream QEMU built with --enable-trace-backends=dtrace (USDT probes)."""
+    found = sorted(glob.glob("/var/cache/qtrace/qemu/*-dtrace/bin/qemu-system-x86_64"))
     return found[-1] if found else None
 
 

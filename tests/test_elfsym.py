@@ -455,7 +455,7 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
         assert not clone.trust_args and plain.trust_args
         assert clone.lost_detail == ["the reset cause (counted as cause unknown)"]
         assert any("not read" in n for n in clone.notes)
-        assert sorted(k for _, _, k in plan.uprobes()) == ["blind", "entry", "return", "return"]
+        assert sorted(k for _, _, k, _ in plan.uprobes()) == ["blind", "entry", "return", "return"]
         vm_id = run_tracked(prog, fx.path, 0x80000002)
         resets = {k.cause: v for k, v in prog.maps.items(maps.RESETS.name) if k.vm == vm_id}
     [line] = [x for x in logged if x["msg"] == "binary attached"]

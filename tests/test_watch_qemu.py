@@ -14,7 +14,9 @@ from conftest import (
     bpf_state,
     call_ioctl_inside,
     check_kvm,
+    dtrace_qemu,
     host_tsc_khz,
+    require,
     vcpu_fd,
     wait_settled,
 )
@@ -313,6 +315,72 @@ def test_watch_by_name_filters_and_marks_unexpected(kvm_caps, tmp_path):
     assert {e["phase"] for e in ev if e["vcpu"] == 1} == {"hotplug"}
     assert summary["unexpected"] == {"KVM_SET_TSC_KHZ": 1}
     assert {r["ioctl"] for r in summary["writes"]} > {"KVM_SET_TSC_KHZ", "KVM_SET_LAPIC"}
+
+
+def usdt_semaphore(pid: int, exe: str, name: str) -> int:
+    """The value of a USDT probe's semaphore in the running process (the kernel counts it
+    up while a uprobe with that ref_ctr_offset is attached)."""
+    import os
+
+    from qtrace_bpf import elf as elfio
+
+    e, stream = elfio.open_elf(exe, exe)
+    with stream:
+        note = next(n for n in elfio.usdt_notes(e) if n.full_name == name)
+    real = os.path.realpath(exe)
+    with open(f"/proc/{pid}/maps") as f:
+        base = next(int(ln.split("-")[0], 16) for ln in f
+                    if ln.rstrip().endswith(real) and ln.split()[2] == "00000000")
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        mem.seek(base + note.semaphore)
+        return int.from_bytes(mem.read(2), "little")
+
+
+@pytest.mark.parametrize("usdt,uprobes", [("on", "multi"), ("on", "perf"), ("off", "multi")])
+def test_usdt_and_function_uprobes_give_the_same_events(kvm_caps, monkeypatch, usdt, uprobes):
+    """On a QEMU built with dtrace (scripts/build-qemu.sh --dtrace), vcpu_init and
+    vcpu_create come from its static probes (semaphores counted up while attached, back to
+    0 after) or, with QTRACE_USDT=off, from uprobes on the functions: the same events."""
+    qemu = dtrace_qemu()
+    require("upstream QEMU built with dtrace", qemu is not None,
+            "bash scripts/build-qemu.sh --dtrace (~3 min)")
+    monkeypatch.setenv("QTRACE_USDT", usdt)
+    monkeypatch.setenv("QTRACE_UPROBES", uprobes)
+    with DemoQemu(f"usdt-{usdt}", preconfig=True, smp="1,maxcpus=2", qemu=qemu) as vm:
+        w = Watcher(vm.pid)
+        vm.cmd("x-exit-preconfig")
+        vm.cmd("cont")
+        vm.hotplug_cpu()
+        time.sleep(0.3)
+        sem = usdt_semaphore(vm.pid, qemu, "qemu:kvm_init_vcpu")
+        w.proc.send_signal(signal.SIGTERM)
+        rc, events = w.wait()
+        after = usdt_semaphore(vm.pid, qemu, "qemu:kvm_init_vcpu")
+        vm.quit()
+    assert rc == 0, w.stderr
+    assert (sem, after) == ((1, 0) if usdt == "on" else (0, 0))
+    seen = [(e["event"], e["function"]) for e in events
+            if e["kind"] == "lifecycle" and e["event"] in ("vcpu_init", "vcpu_create")]
+    assert Counter(ev for ev, _ in seen) == {"vcpu_init": 2, "vcpu_create": 2}, seen
+    want = {"usdt qemu:kvm_init_vcpu", "usdt qemu:kvm_create_vcpu"} if usdt == "on" \
+        else {"kvm_init_vcpu", "kvm_create_vcpu"}
+    assert {fn for _, fn in seen} == want
+
+
+def test_symbols_reports_the_usdt_source(kvm_caps):
+    qemu = dtrace_qemu()
+    require("upstream QEMU built with dtrace", qemu is not None,
+            "bash scripts/build-qemu.sh --dtrace (~3 min)")
+    import json
+
+    from conftest import QPROBE, ROOT
+
+    out = subprocess.run([*QPROBE, "symbols", qemu, "--json"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    rows = {r["event"]: r for r in json.loads(out)["events"]}
+    assert rows["vcpu_init"]["source"] == "usdt" and rows["vcpu_init"]["semaphore"]
+    assert rows["vcpu_init"]["symbol"].startswith("qemu:kvm_init_vcpu")
+    assert rows["put_registers"]["source"] == ".symtab"  # no trace point covers it
 
 
 def attach_strace(pid: int, trace: str) -> subprocess.Popen:
