@@ -45,6 +45,13 @@ class Container:
                            "--bind=/dev/kvm", "--bind=/sys/fs/bpf", f"--bind={self.shared}",
                            f"--bind-ro={dist}:/mnt/dist", "-M", self.name,
                            "--console=passive"], stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_booted()
+        except BaseException:
+            self.stop()  # never leave a half-booted container (and its BPF programs) behind
+            raise
+
+    def _wait_booted(self) -> None:
         deadline = time.monotonic() + 60
         self.pid1 = 0
         while not self.pid1:  # nspawn's child, once it has become the container's systemd
@@ -58,10 +65,10 @@ class Container:
                 pass
             assert time.monotonic() < deadline and self.proc.poll() is None, self.console()
             time.sleep(0.1)
-        while True:  # until systemd answers on its bus, then until it has booted
+        while True:  # until systemd answers on its bus ("offline" before), then has booted
             state = self.run("systemctl", "is-system-running", "--wait", check=False,
                              timeout=90)
-            if state.stdout.strip() or time.monotonic() > deadline:
+            if state.stdout.strip() not in ("", "offline") or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert state.stdout.strip() in ("running", "degraded"), (state, self.console())
@@ -87,7 +94,9 @@ class Container:
                    .stdout.strip())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not getattr(self, "pid1", 0):
+            self.proc.terminate()  # no systemd to ask yet: nspawn stops the container
+        elif self.proc.poll() is None:
             self.run("systemctl", "poweroff", check=False, timeout=30)
             try:
                 self.proc.wait(60)
