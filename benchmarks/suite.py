@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,8 @@ class Ctx:
         return max(100, int(full * self.scale))
 
 
-def timed_config(tracer: Tracer, run) -> callable:
+def timed_config(tracer: Tracer, run: Callable[[Tracer], list[float]]) \
+        -> Callable[[], list[float]]:
     """A configuration: start the tracer, run the workload under it, stop the tracer."""
     def go():
         tracer.start()

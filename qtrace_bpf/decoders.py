@@ -17,11 +17,16 @@ DECODE_ERRORS: Counter = Counter()  # field -> unknown numbers seen
 PUT_LEVELS = {1: "runtime", 2: "reset", 3: "full"}  # QEMU's KVM_PUT_*_STATE
 
 
+def _named(names: tuple[str, ...], value: int, field: str) -> str:
+    """names[value], or the placeholder `field-value` (counted) for a number with no name."""
+    if 0 <= value < len(names):
+        return names[value]
+    DECODE_ERRORS[field] += 1
+    return f"{field}-{value}"
+
+
 def phase(value: int) -> str:
-    if 0 <= value < len(abi.PHASES):
-        return abi.PHASES[value]
-    DECODE_ERRORS["phase"] += 1
-    return f"phase-{value}"
+    return _named(abi.PHASES, value, "phase")
 
 
 def ioctl(value: int) -> str:
@@ -34,10 +39,7 @@ def ioctl(value: int) -> str:
 
 def cause(value: int) -> str:
     """A ShutdownCause number (without FOLLOWUP_FLAG) -> QEMU's QAPI name."""
-    if 0 <= value < len(abi.CAUSES):
-        return abi.CAUSES[value]
-    DECODE_ERRORS["cause"] += 1
-    return f"cause-{value}"
+    return _named(abi.CAUSES, value, "cause")
 
 
 def reset_cause(value: int) -> tuple[str, bool]:
@@ -47,18 +49,12 @@ def reset_cause(value: int) -> tuple[str, bool]:
 
 def value(which: int) -> str:
     """A V_* slot -> its name (apic_base, tsc_khz, ...)."""
-    if 0 <= which < len(abi.VALUES):
-        return abi.VALUES[which]
-    DECODE_ERRORS["value"] += 1
-    return f"value-{which}"
+    return _named(abi.VALUES, which, "value")
 
 
 def step(value: int) -> str:
     """An S_* number -> reset, hotplug, migration."""
-    if 0 <= value < len(abi.STEPS):
-        return abi.STEPS[value]
-    DECODE_ERRORS["step"] += 1
-    return f"step-{value}"
+    return _named(abi.STEPS, value, "step")
 
 
 def bucket(value: int) -> str:
