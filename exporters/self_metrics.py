@@ -13,6 +13,13 @@ from qtrace_bpf import __version__, abi, decoders, revision
 
 from .observed import Observed
 
+LABEL_MAX = 128  # a binary's path is chosen by whoever installed it: bounded as a label
+
+
+def bounded(value: str) -> str:
+    """At most LABEL_MAX characters, keeping the end (a file name says more than its dirs)."""
+    return value if len(value) <= LABEL_MAX else "..." + value[-(LABEL_MAX - 3):]
+
 
 class SelfCollector:
     """qtrace's own health, through prometheus_client: start-up, HTTP, probes, maps."""
@@ -76,7 +83,7 @@ class SelfCollector:
                                       "1 if the catalog event's probe is attached in this binary",
                                       labels=["binary", "build_id", "event"])
         for plan in list(d.binaries.plans.values()):
-            labels = [plan.display, plan.resolution.build_id or ""]
+            labels = [bounded(plan.display), (plan.resolution.build_id or "")[:LABEL_MAX]]
             attached.add_metric(labels, len(plan.attached) - len(plan.missing))
             missing.add_metric(labels, len(plan.missing))
             for a in plan.attached:
@@ -84,6 +91,10 @@ class SelfCollector:
         yield attached
         yield missing
         yield per_event
+        yield CounterMetricFamily("qtrace_untrusted_binaries", "Distinct QEMU-looking files "
+                                  "not parsed nor probed: writable by, or in a directory "
+                                  "writable by, an untrusted user",
+                                  value=d.binaries.untrusted_total)
         yield GaugeMetricFamily("qtrace_binary_errors", "QEMU binaries that could not be resolved "
                                 "(non-ELF, truncated, unreadable)", value=len(d.binaries.errors))
         hook = GaugeMetricFamily("qtrace_kernel_hook_info", "The kernel hook on KVM ioctls in use",
@@ -119,7 +130,7 @@ class SelfCollector:
                                   "never exported as VMs", value=t.not_vms)
         errors = CounterMetricFamily("qtrace_attach_errors", "QEMU processes or binaries that "
                                      "could not be traced, by reason", labels=["reason"])
-        for reason in ("vanished", "unusable_binary", "attach_failed"):
+        for reason in ("vanished", "unusable_binary", "untrusted_binary", "attach_failed"):
             errors.add_metric([reason], t.attach_errors.get(reason, 0))
         yield errors
         gaps = CounterMetricFamily(

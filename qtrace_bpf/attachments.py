@@ -33,6 +33,8 @@ class Attachments:
         self.multi = multi
         self.uprobe_count = 0
         self._undo: list[Callable[[], None]] = []
+        # per binary file: (its link fds' undos, its link pins, its uprobe count)
+        self._binaries: dict[tuple[int, int], tuple[list[Callable[[], None]], list[str], int]] = {}
 
     def link(self, fn_name: str, pin_name: str, open_event: Callable[[], int]) -> bool:
         """Hold fn_name on a perf event through a BPF link, pinned when pins are on (an
@@ -76,15 +78,17 @@ class Attachments:
         finds its predecessor's and keeps them."""
         mark = len(self._undo)
         made: list[str] = []
+        used: list[str] = []
         dev, ino = plan.key
         uprobes = plan.uprobes()
         replaced = len(self.pins.replaced) if self.pins else 0
         try:
             if self.multi:
-                made += self._multi(plan, uprobes)
+                made += self._multi(plan, uprobes, used)
             for offset, slot, kind, ref in ([] if self.multi else uprobes):
                 pin_name = f"u-{dev}-{ino}-{offset:x}-{slot}-{kind}" + (f"-r{ref:x}" if ref
                                                                          else "")
+                used.append(pin_name)
                 if self.link(f"qt_{kind}_{slot}", pin_name,
                              lambda o=offset, r=(kind == "return"), c=ref:
                              perf_events.uprobe_event(plan.path, o, r, c)):
@@ -97,9 +101,22 @@ class Attachments:
             self._undo_to(mark, made)
             raise
         self.uprobe_count += len(uprobes)
+        self._binaries[plan.key] = (self._undo[mark:], used, len(uprobes))
+        del self._undo[mark:]
         self.log_replaced(replaced)
 
-    def _multi(self, plan: AttachPlan, uprobes: list[tuple[int, int, str, int]]) -> list[str]:
+    def detach_binary(self, plan: AttachPlan) -> None:
+        """Every uprobe of this binary goes: its links' fds closed and pins removed."""
+        undo, pin_names, count = self._binaries.pop(plan.key, ([], [], 0))
+        while undo:
+            undo.pop()()
+        for pin_name in pin_names:
+            if self.pins:
+                self.pins.unpin(pin_name)
+        self.uprobe_count -= count
+
+    def _multi(self, plan: AttachPlan, uprobes: list[tuple[int, int, str, int]],
+               used: list[str]) -> list[str]:
         """One uprobe_multi link per handler: its offsets in this file.  Pin names carry the
         offsets' digest: another build of the file at the same inode is another link."""
         by_handler: dict[tuple[int, str], list[tuple[int, int]]] = {}
@@ -113,6 +130,7 @@ class Attachments:
             digest = zlib.crc32(",".join(f"{o:x}:{r:x}" if r else f"{o:x}"
                                          for o, r in sites).encode())
             pin_name = f"u-{dev}-{ino}-{slot}-{kind}-{digest:08x}"
+            used.append(pin_name)
 
             def make(fd: int, offsets=offsets, refs=refs, ret=(kind == "return")) -> int:
                 try:
@@ -141,5 +159,9 @@ class Attachments:
 
     def close(self) -> None:
         """Close every link fd, last first; safe to call twice."""
+        for undo, _pins, _n in reversed(list(self._binaries.values())):
+            while undo:
+                undo.pop()()
+        self._binaries.clear()
         while self._undo:
             self._undo.pop()()

@@ -2,16 +2,19 @@
 
 A uprobe belongs to an inode, so attachments are keyed by the file (device, inode): a
 package reinstall with the same build-id is a new file to attach, and a VM running on a
-replaced (deleted) file keeps its probes.  The build-id keys only the symbol cache.
+replaced (deleted) file keeps its probes.  Each file is opened once (binfile.py): checked
+as trusted, parsed from that fd, attached through it; its resolution is the file's own.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import elfsym
+from . import elfsym, resolver
+from .binfile import TRUSTED_UIDS, BinaryFile, FileKey, open_binary
 from .catalog import Catalog, Probe, absent_in
 from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .debuginfod import Debuginfod
@@ -19,13 +22,7 @@ from .elf import UsdtSite
 from .elfsym import Resolution, Symbol
 from .errors import AttachError, ElfError
 
-FileKey = tuple[int, int]  # (st_dev, st_ino)
-
-
-def file_key(path: str) -> FileKey:
-    """The inode behind `path` (/proc/PID/exe reaches a deleted one too)."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+UNTRUSTED_REMEMBERED = 1024  # files logged once each; older ones may be logged again
 
 
 @dataclass
@@ -54,10 +51,11 @@ class PlannedProbe:
 @dataclass
 class AttachPlan:
     key: FileKey
-    path: str  # opens the file (may be /proc/PID/exe)
+    path: str  # opens the very file that was parsed (/proc/self/fd/N of `file`)
     display: str  # what an operator calls it
     resolution: Resolution
     attached: list[PlannedProbe] = field(default_factory=list)
+    file: BinaryFile | None = None  # held open while the plan lives
 
     @property
     def missing(self) -> list[PlannedProbe]:
@@ -165,46 +163,111 @@ def resolve(catalog: Catalog, path: str, display: str,
 
 
 class QemuBinaries:
-    """Every QEMU binary file seen, resolved and attached once (or why it could not be)."""
+    """Every QEMU binary file seen, resolved and attached once (or why it could not be).
+
+    isolate: resolve in a child process under `limits` (the daemon: a hostile file costs
+    one failed resolution); tick is called while waiting for it."""
 
     def __init__(self, catalog: Catalog, attach: Callable[[AttachPlan], None],
                  debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS,
                  debuginfod: Debuginfod | None = None,
-                 log: Callable[..., None] | None = None):
+                 log: Callable[..., None] | None = None, *,
+                 detach: Callable[[AttachPlan], None] | None = None,
+                 trusted_uids: tuple[int, ...] = TRUSTED_UIDS,
+                 isolate: bool = False, limits: resolver.Limits = resolver.DEFAULT_LIMITS,
+                 tick: Callable[[], None] | None = None):
         self.catalog = catalog
         self._attach = attach  # QtraceProgram.attach_binary
+        self._detach = detach
         self.debug_roots = debug_roots
         self.debuginfod = debuginfod
         self.log = log or (lambda _msg, **_kw: None)
+        self.trusted_uids = trusted_uids
+        self.isolate, self.limits, self.tick = isolate, limits, tick
         self.plans: dict[FileKey, AttachPlan] = {}
         # files that could not be used, and why: not retried while they stay as they were
         self.errors: dict[FileKey, tuple[tuple[int, int], str]] = {}
+        self.untrusted: OrderedDict[FileKey, str] = OrderedDict()  # bounded, for log-once
+        self.untrusted_total = 0  # distinct untrusted files met (qtrace_untrusted_binaries)
 
-    def get(self, path: str, display: str, res: Resolution | None = None) -> AttachPlan:
-        """The plan of the file at `path`, attaching it the first time (AttachError if not)."""
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise AttachError(f"{display}: {exc.strerror}", "vanished") from None
-        key, version = (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+    def open(self, path: str, display: str, pid: int | None = None) -> BinaryFile:
+        """The file, open and trusted; AttachError otherwise (an untrusted file is counted
+        and logged once)."""
+        bf = open_binary(path, display, pid, self.trusted_uids)
+        if bf.untrusted:
+            bf.close()
+            if bf.key not in self.untrusted:
+                self.untrusted_total += 1
+                self.log("binary not probed: untrusted", level="warning", binary=display,
+                         pid=pid, reason=bf.untrusted)
+                if len(self.untrusted) >= UNTRUSTED_REMEMBERED:
+                    self.untrusted.popitem(last=False)
+            self.untrusted[bf.key] = bf.untrusted
+            self.untrusted.move_to_end(bf.key)
+            raise AttachError(f"{display}: untrusted binary: {bf.untrusted} (only files that "
+                              "no unprivileged user can write are probed)", "untrusted_binary")
+        return bf
+
+    def resolve(self, bf: BinaryFile) -> Resolution:
+        names = tuple(self.catalog.functions)
+        if self.isolate:
+            return resolver.resolve_isolated(bf, names, self.debug_roots, self.debuginfod,
+                                             self.limits, self.tick)
+        return elfsym.resolve(bf.path, names, debug_roots=self.debug_roots,
+                              display=bf.display, inline_names=names,
+                              debuginfod=self.debuginfod)
+
+    def get(self, path: str, display: str, pid: int | None = None,
+            opened: tuple[BinaryFile, Resolution] | None = None) -> AttachPlan:
+        """The plan of the file at `path`, attaching it the first time (AttachError if not).
+        opened: the file and its resolution, when the caller already has them (watch)."""
+        bf = opened[0] if opened else self.open(path, display, pid)
+        key, version = bf.key, bf.version
         if key in self.plans:
+            bf.close()
             return self.plans[key]
-        if key in self.errors and self.errors[key][0] == version:
-            raise AttachError(self.errors[key][1], "unusable_binary")
         try:
-            res = res or resolve(self.catalog, path, display, self.debug_roots, self.debuginfod)
-        except ElfError as exc:  # unusable as it is (a half-written file may change)
-            self.errors[key] = (version, str(exc))
-            self.log("binary unusable", level="warning", binary=display, reason=exc)
-            raise AttachError(str(exc), "unusable_binary") from None
-        if _same_file(display, key):
-            path = display  # outlives the process whose /proc/PID/exe led here
-        plan = AttachPlan(key, path, display, res, plan_probes(self.catalog, res))
-        self._attach(plan)  # all of the plan's uprobes, or none (then retried next time)
+            if key in self.errors and self.errors[key][0] == version:
+                raise AttachError(self.errors[key][1], "unusable_binary")
+            try:
+                res = opened[1] if opened else self.resolve(bf)
+            except ElfError as exc:  # unusable as it is (a half-written file may change)
+                self.errors[key] = (version, str(exc))
+                self.log("binary unusable", level="warning", binary=display, reason=exc)
+                raise AttachError(str(exc), "unusable_binary") from None
+            if not bf.unchanged():
+                raise AttachError(f"{display}: changed while it was read: retried later",
+                                  "vanished")
+            plan = AttachPlan(key, bf.path, display, res, plan_probes(self.catalog, res),
+                              file=bf)
+            self._attach(plan)  # all of the plan's uprobes, or none (then retried next time)
+        except BaseException:
+            bf.close()
+            raise
         self.plans[key] = plan
         self.errors.pop(key, None)
         self._log_plan(plan)
         return plan
+
+    def drop(self, keep: set[FileKey]) -> list[AttachPlan]:
+        """Detach and close every plan whose file is not in `keep` (no live process maps
+        it, no configured path names it): uprobes, link fds and the open file go."""
+        gone = [p for k, p in self.plans.items() if k not in keep]
+        for plan in gone:
+            if self._detach is not None:
+                self._detach(plan)
+            if plan.file is not None:
+                plan.file.close()
+            del self.plans[plan.key]
+            self.log("binary detached: no process uses it", binary=plan.display)
+        for key in [k for k in self.errors if k not in keep]:
+            del self.errors[key]
+        return gone
+
+    def close(self) -> None:
+        for plan in self.plans.values():
+            if plan.file is not None:
+                plan.file.close()
 
     def _log_plan(self, plan: AttachPlan) -> None:
         """One line per binary: what attached, what is missing and what that costs."""
@@ -220,9 +283,3 @@ class QemuBinaries:
                                  for a in plan.attached if a.lost_detail and a.symbol]) or None,
                  hint=res.debug_hint or None)
 
-
-def _same_file(path: str, key: FileKey) -> bool:
-    try:
-        return file_key(path) == key
-    except OSError:
-        return False

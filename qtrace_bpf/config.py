@@ -31,6 +31,15 @@ class Config:
     # debuginfod servers for stripped binaries' debug files ("" / empty: DEBUGINFOD_URLS)
     debuginfod_urls: tuple[str, ...] = ()
     debuginfo_cache: str = "/var/cache/qtrace/debuginfo"
+    debuginfod_allow_http: bool = False  # plain http lets anyone on the path pick the file
+    debuginfo_cache_max_mb: int = 2048  # the cache's quota; least recently used files go
+    # Owners whose files may be probed (and whose directories may hold them): a file any
+    # other user could write is never parsed nor probed
+    trusted_uids: tuple[int, ...] = (0,)
+    # One binary's symbol resolution, in a child process: wall seconds, then MiB of
+    # address space (a parser bomb fails there, not in the daemon)
+    resolve_timeout: float = 20.0
+    resolve_memory_max_mb: int = 1024
     # Attached at start, before any VM exists, so a VM started later is traced from exec.
     qemu_binaries: tuple[str, ...] = ("/usr/bin/qemu-system-*", "/usr/libexec/qemu-kvm",
                                       "/usr/local/bin/qemu-system-*")
@@ -90,6 +99,14 @@ def _bool(key: str, value: object) -> bool:
     return value
 
 
+def _uids(key: str, value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32 for v in value):
+        raise QtraceError(f"{key} = {value!r}: expected a non-empty list of uids, e.g. "
+                          f"{key} = [0]")
+    return tuple(value)
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise QtraceError(f"{key} = {value!r}: expected a string")
@@ -104,6 +121,11 @@ _KEYS = {
     "debug_roots": _strings,
     "debuginfod_urls": _strings,
     "debuginfo_cache": _string,
+    "debuginfod_allow_http": lambda k, v: _bool(k, v),
+    "debuginfo_cache_max_mb": lambda k, v: _number(k, v, integer=True, lo=1, hi=1 << 20),
+    "trusted_uids": lambda k, v: _uids(k, v),
+    "resolve_timeout": lambda k, v: float(_number(k, v, integer=False, lo=1, hi=3600)),
+    "resolve_memory_max_mb": lambda k, v: _number(k, v, integer=True, lo=128, hi=1 << 20),
     "qemu_binaries": _strings,
     "grace_period": lambda k, v: float(_number(k, v, integer=False, lo=0, hi=30 * 86400)),
     "rescan_interval": lambda k, v: float(_number(k, v, integer=False, lo=0.5, hi=3600)),

@@ -17,7 +17,7 @@ import resource
 import time
 from collections.abc import Callable
 
-from . import loader, pins, targets
+from . import loader, pins, resolver, targets
 from .binaries import QemuBinaries
 from .catalog import load_catalog
 from .config import Config
@@ -112,9 +112,19 @@ class Daemon:
             if compiled:
                 pin_dir.replaced += manifest.replaced  # the loader replaced these links
         # the config's servers win over an inherited DEBUGINFOD_URLS
-        debuginfod = Debuginfod.from_env(self.cfg.debuginfod_urls, self.cfg.debuginfo_cache)
-        self.binaries = QemuBinaries(self.catalog, self.prog.attach_binary, self.cfg.debug_roots,
-                                     debuginfod, log=self.log)
+        debuginfod = Debuginfod.from_env(self.cfg.debuginfod_urls, self.cfg.debuginfo_cache,
+                                         allow_http=cfg.debuginfod_allow_http,
+                                         quota=cfg.debuginfo_cache_max_mb << 20)
+        partial = debuginfod.remove_partial()
+        if partial:
+            self.log("half-written debuginfod downloads removed", files=len(partial))
+        limits = resolver.Limits(seconds=cfg.resolve_timeout,
+                                 cpu_seconds=max(1, int(cfg.resolve_timeout)),
+                                 memory_bytes=cfg.resolve_memory_max_mb << 20)
+        self.binaries = QemuBinaries(self.catalog, self.prog.attach_binary, cfg.debug_roots,
+                                     debuginfod, log=self.log, detach=self.prog.detach_binary,
+                                     trusted_uids=cfg.trusted_uids, isolate=True,
+                                     limits=limits, tick=self.alive)
         self.tracker = Tracker(self.prog.maps, self.binaries, max_vms=self.cfg.max_vms,
                                grace=self.cfg.grace_period, log=self.log)
         self.tracker.forgotten = self.forgotten
@@ -128,18 +138,26 @@ class Daemon:
                      program="compiled" if self.compiled else "reused",
                      links_kept=len(p.kept), links_replaced=len(p.replaced))
 
-    def attach_host_binaries(self) -> None:
-        """The configured QEMU binaries, before any VM exists: VMs are traced from exec."""
+    def alive(self) -> None:
+        """The loop is busy, not stuck (a resolution in its child, a slow attach)."""
+        self.beat = time.monotonic()
+
+    def attach_host_binaries(self) -> set[tuple[int, int]]:
+        """The configured QEMU binaries, before any VM exists: VMs are traced from exec.
+        Returns the files they name now (kept attached while they do)."""
+        named = set()
         for path, skipped in targets.host_binaries(self.cfg.qemu_binaries):
             if skipped:
                 self.log(f"binary skipped: {skipped}", level="debug", binary=path)
                 continue
             try:
-                self.binaries.get(os.path.realpath(path), path)
+                named.add(self.binaries.get(os.path.realpath(path), path).key)
             except AttachError as exc:
                 self.tracker.attach_errors[exc.reason] = \
                     self.tracker.attach_errors.get(exc.reason, 0) + 1
-                self.log("binary not attached", level="warning", binary=path, error=exc)
+                if exc.reason != "untrusted_binary":  # that one was logged once already
+                    self.log("binary not attached", level="warning", binary=path, error=exc)
+        return named
 
     def start(self) -> None:
         self.stage = "attaching QEMU binaries and scanning /proc"
@@ -156,8 +174,11 @@ class Daemon:
         usually before any VM starts from it."""
         self._last_scan = time.monotonic()
         with self.resources("rescan"):
-            self.attach_host_binaries()
+            named = self.attach_host_binaries()
             self.tracker.rescan()
+            with self.tracker.lock:  # files no configured path names and no process runs
+                in_use = {vm.plan.key for vm in self.tracker.vms.values()}
+                self.binaries.drop(named | in_use)
 
     @contextlib.contextmanager
     def resources(self, during: str):
@@ -217,6 +238,8 @@ class Daemon:
         counting, the next daemon continues); all else is released."""
         if self.prog is not None:
             self.prog.close(keep_pins=self.cfg.keep_on_exit)
+        if self.binaries is not None:
+            self.binaries.close()
 
 
 def run_daemon(cfg: Config) -> int:

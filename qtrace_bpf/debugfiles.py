@@ -34,9 +34,11 @@ class DebugSearch:
         self.problems: list[str] = []
         self.fetch_failed = False
         self.streams: list[io.BufferedIOBase] = []  # closed by the owner
+        self._binary: ELFFile | None = None  # what a debug file must describe
 
     def find(self, elf: ELFFile) -> tuple[str, ELFFile] | None:
         """(source, opened debug ELF): "build-id:PATH", "debuglink:PATH" or "debuginfod:PATH"."""
+        self._binary = elf
         if self.build_id and len(self.build_id) > 2:
             for root in self.roots:
                 cand = os.path.join(root, ".build-id", self.build_id[:2],
@@ -63,7 +65,7 @@ class DebugSearch:
             if not os.path.isfile(cand):
                 continue
             tried.append(cand)
-            if elfio.crc32(cand) != crc:
+            if not _elf_magic(cand) or elfio.crc32(cand) != crc:
                 self.problems.append(f"debuglink:{cand}: CRC mismatch: ignored")
                 continue
             found = self._open(cand, f"debuglink:{cand}")
@@ -100,5 +102,19 @@ class DebugSearch:
             )
             stream.close()
             return None
+        why = elfio.layout_mismatch(self._binary, elf)
+        if why:
+            self.problems.append(f"{source}: does not describe this binary ({why}): ignored")
+            stream.close()
+            return None
         self.streams.append(stream)
         return elf
+
+
+def _elf_magic(path: str) -> bool:
+    """Only an ELF file is worth reading whole for its CRC."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False

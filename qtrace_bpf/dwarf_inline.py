@@ -28,6 +28,9 @@ from collections.abc import Iterable, Iterator
 from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DwarfConfig, DWARFInfo
 from elftools.elf.elffile import ELFFile
 
+from .elf import build_id as elf_build_id
+from .elf import is_basename
+
 # pyelftools >= 0.30 takes .debug_types too (DWARF 4 type units; none here); 0.29 (Debian 12)
 # does not know the argument.
 _TYPES_SEC = {"debug_types_sec": None} \
@@ -138,17 +141,22 @@ class DwarfFile:
         if link is None:
             return None
         name, build_id = link
-        here = os.path.dirname(self.path)
-        cands = [name if os.path.isabs(name) else os.path.join(here, name)]
-        if name.startswith("/usr/lib/debug/"):  # Debian's /usr/lib/debug/.dwz/<arch>/<pkg>
-            cands += [os.path.join(root, name.removeprefix("/usr/lib/debug/"))
-                      for root in debug_roots]
-        if len(build_id) > 2:
+        cands = []
+        if is_basename(name):
+            cands.append(os.path.join(os.path.dirname(self.path), name))
+        elif name.startswith("/usr/lib/debug/"):  # Debian's /usr/lib/debug/.dwz/<arch>/<pkg>
+            rel = os.path.normpath(name.removeprefix("/usr/lib/debug/"))
+            if not rel.startswith(".."):  # never outside the debug roots
+                cands += [os.path.join(root, rel) for root in debug_roots]
+        if len(build_id) > 2 and all(c in "0123456789abcdef" for c in build_id):
             cands += [os.path.join(root, ".build-id", build_id[:2], build_id[2:] + ".debug")
                       for root in debug_roots]
         for cand in cands:
             if os.path.isfile(cand):
                 alt = DwarfFile(cand)
+                if build_id and elf_build_id(alt.elf) not in (None, build_id):
+                    alt.close()
+                    return f"dwz file {cand}: not the build-id {build_id} the link names"
                 self.alt = alt
                 self.dwarf.supplementary_dwarfinfo = alt.dwarf
                 return None
@@ -202,11 +210,20 @@ class DwarfFile:
         """Every DIE of one unit that can be (or hold) an inlined call."""
         cu = self.dwarf.get_CU_at(unit_offset)
         stack = [cu.get_top_DIE()]
+        seen: set[int] = set()  # a DW_AT_sibling pointing back must not walk forever
         while stack:
             die = stack.pop()
+            if die.offset in seen:
+                continue
+            seen.add(die.offset)
             yield die
             if die.tag in _DESCEND and die.has_children:
-                stack.extend(die.iter_children())
+                kids: set[int] = set()
+                for child in die.iter_children():
+                    if child.offset in kids or child.offset <= die.offset:
+                        break  # a child before its parent, or met again: a loop
+                    kids.add(child.offset)
+                    stack.append(child)
 
 
 

@@ -8,6 +8,7 @@ of what a server sent) reads ELF the same way; this one knows nothing else of qt
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -48,23 +49,66 @@ def open_elf(data_or_path: str | bytes, what: str) -> tuple[ELFFile, io.Buffered
         raise ElfError(f"{what}: malformed ELF: {exc}") from None
 
 
+_NOTE = struct.Struct("<III")  # namesz, descsz, type
+_BUILD_ID = re.compile(r"[0-9a-f]{2,128}")
+NT_GNU_BUILD_ID = 3
+PF_X = 1
+
+
+def section_data(sec, what: str = "") -> bytes:
+    """A section's bytes, refused when its header claims more than the file holds (Python
+    would allocate the claimed size before reading a byte)."""
+    elf_size = _stream_size(sec.stream)
+    if sec["sh_type"] != "SHT_NOBITS" and sec["sh_offset"] + sec["sh_size"] > elf_size:
+        raise ValueError(f"section {what or sec.name} claims {sec['sh_size']} bytes past the "
+                         "end of the file")
+    return sec.data()
+
+
+def _stream_size(stream) -> int:
+    pos = stream.tell()
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(pos)
+    return end
+
+
+def notes(data: bytes) -> Iterator[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each note in a SHT_NOTE section's bytes; sizes that overrun
+    the section end the walk."""
+    pos = 0
+    while pos + _NOTE.size <= len(data):
+        namesz, descsz, ntype = _NOTE.unpack_from(data, pos)
+        name_at = pos + _NOTE.size
+        desc_at = name_at + ((namesz + 3) & ~3)
+        end = desc_at + ((descsz + 3) & ~3)
+        if desc_at + descsz > len(data):
+            return
+        yield data[name_at:name_at + namesz].rstrip(b"\0"), ntype, data[desc_at:desc_at + descsz]
+        pos = end
+
+
 def build_id(elf: ELFFile) -> str | None:
+    """The GNU build-id note, as lowercase hex; a note of another owner, or a value that is
+    not 1-64 bytes, is no build-id (it names paths under the debug roots)."""
     for sec in elf.iter_sections():
         if sec["sh_type"] != "SHT_NOTE":
             continue
-        for note in sec.iter_notes():
-            if note["n_type"] == "NT_GNU_BUILD_ID":
-                return str(note["n_desc"])
+        for name, ntype, desc in notes(section_data(sec)):
+            if ntype == NT_GNU_BUILD_ID and name == b"GNU":
+                bid = desc.hex()
+                return bid if _BUILD_ID.fullmatch(bid) else None
     return None
 
 
-def loads(elf: ELFFile, file_size: int) -> list[tuple[int, int, int]]:
+def loads(elf: ELFFile, file_size: int, executable: bool = False) -> list[tuple[int, int, int]]:
     """PT_LOAD segments (vaddr, filesz, offset) whose bytes are in the file: a segment that
-    points past its end (a truncated or corrupt file) can place no uprobe."""
+    points past its end (a truncated or corrupt file) can place no uprobe.  executable: only
+    the segments the process can execute (where a function can start)."""
     return [
         (seg["p_vaddr"], seg["p_filesz"], seg["p_offset"])
         for seg in elf.iter_segments()
         if seg["p_type"] == "PT_LOAD" and seg["p_offset"] + seg["p_filesz"] <= file_size
+        and (not executable or seg["p_flags"] & PF_X)
     ]
 
 
@@ -87,8 +131,8 @@ def iter_funcs(elf: ELFFile, section_name: str) -> Iterator[tuple[str, int, int,
     sec = elf.get_section_by_name(section_name)
     if sec is None or sec["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
         return
-    data = sec.data()
-    strtab = elf.get_section(sec["sh_link"]).data()
+    data = section_data(sec)
+    strtab = section_data(elf.get_section(sec["sh_link"]))
     usable = len(data) - len(data) % _SYM.size
     for st_name, st_info, _other, shndx, value, size in _SYM.iter_unpack(data[:usable]):
         if st_info & 0xF not in _FUNC_TYPES or shndx == 0 or not value:
@@ -99,18 +143,24 @@ def iter_funcs(elf: ELFFile, section_name: str) -> Iterator[tuple[str, int, int,
 
 
 def debuglink(elf: ELFFile) -> tuple[str, int] | None:
+    """(file name, CRC) of .gnu_debuglink.  The name must be a bare file name (it is looked
+    for in fixed directories): a path (/proc/self/pagemap, ../../etc) is no debug link."""
     sec = elf.get_section_by_name(".gnu_debuglink")
     if sec is None:
         return None
-    data = sec.data()
+    data = section_data(sec)
     end = data.find(b"\0")
-    if end <= 0:
+    if end <= 0 or not is_basename(data[:end].decode(errors="replace")):
         return None
     crc_at = (end + 4) & ~3
     if len(data) < crc_at + 4:
         return None
     (crc,) = struct.unpack_from("<I", data, crc_at)
     return data[:end].decode(errors="replace"), crc
+
+
+def is_basename(name: str) -> bool:
+    return bool(name) and "/" not in name and name not in (".", "..") and "\0" not in name
 
 
 @dataclass(frozen=True)
@@ -129,7 +179,6 @@ class Usdt:
         return f"{self.provider}:{self.name}"
 
 
-_NOTE = struct.Struct("<III")  # namesz, descsz, type
 NT_STAPSDT = 3
 
 
@@ -140,16 +189,10 @@ def usdt_notes(elf: ELFFile) -> list[Usdt]:
     if sec is None:
         return []
     base_sec = elf.get_section_by_name(".stapsdt.base")
-    data, pos, out = sec.data(), 0, []
-    while pos + _NOTE.size <= len(data):
-        namesz, descsz, ntype = _NOTE.unpack_from(data, pos)
-        name_at = pos + _NOTE.size
-        desc_at = name_at + ((namesz + 3) & ~3)
-        pos = desc_at + ((descsz + 3) & ~3)
-        if ntype != NT_STAPSDT or data[name_at:name_at + namesz].rstrip(b"\0") != b"stapsdt" \
-                or descsz < 27 or pos > len(data) + 3:
+    out = []
+    for owner, ntype, desc in notes(section_data(sec)):
+        if ntype != NT_STAPSDT or owner != b"stapsdt" or len(desc) < 27:
             continue
-        desc = data[desc_at:desc_at + descsz]
         pc, base, sem = struct.unpack_from("<QQQ", desc)
         provider, name, args = (desc[24:].split(b"\0") + [b"", b"", b""])[:3]
         if base_sec is not None and base:
@@ -170,17 +213,42 @@ class UsdtSite:
     vaddr: int
 
 
-def usdt_sites(elf: ELFFile, loads: list[tuple[int, int, int]]) -> dict[str, list[UsdtSite]]:
+def usdt_sites(elf: ELFFile, loads: list[tuple[int, int, int]],
+               code: list[tuple[int, int, int]]) -> dict[str, list[UsdtSite]]:
     """The binary's static probes by "provider:name", placed in the file (sites outside
-    any PT_LOAD are dropped: a uprobe cannot go there)."""
+    the executable PT_LOADs `code` are dropped: a uprobe must go into code; semaphores
+    are in data, anywhere in `loads`)."""
     out: dict[str, list[UsdtSite]] = {}
     for note in usdt_notes(elf):
-        off = vaddr_to_offset(loads, note.pc)
+        off = vaddr_to_offset(code, note.pc)
         sem = vaddr_to_offset(loads, note.semaphore) if note.semaphore else 0
         if off is None or sem is None:
             continue
         out.setdefault(note.full_name, []).append(UsdtSite(off, sem, note.pc))
     return out
+
+
+SHF_ALLOC = 2
+
+
+def _alloc_sections(elf: ELFFile) -> dict[str, tuple[int, int]]:
+    return {sec.name: (sec["sh_addr"], sec["sh_size"]) for sec in elf.iter_sections()
+            if sec["sh_flags"] & SHF_ALLOC and sec["sh_size"]}
+
+
+def layout_mismatch(binary: ELFFile, debug: ELFFile) -> str:
+    """Why a separate debug file does not describe this binary ("" if it does): its
+    loaded sections (.text above all) must sit at the binary's addresses with its sizes,
+    as objcopy --only-keep-debug leaves them.  A matching build-id alone proves nothing:
+    whoever links a file chooses it."""
+    ours, theirs = _alloc_sections(binary), _alloc_sections(debug)
+    if ".text" not in ours or ".text" not in theirs:
+        return "no .text to compare"
+    for name, where in ours.items():
+        if name in theirs and theirs[name] != where:
+            return (f"section {name} at {theirs[name][0]:#x}+{theirs[name][1]:#x}, the "
+                    f"binary's at {where[0]:#x}+{where[1]:#x}")
+    return ""
 
 
 def has_debug_info(elf: ELFFile) -> bool:

@@ -8,6 +8,7 @@ which is right for PIE and non-PIE alike, also where p_vaddr != p_offset.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import lzma
 import os
@@ -31,6 +32,10 @@ from .first_insn import classify
 _CLONE_RE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|lto_priv|localalias)\.\d+")
 ARG_CHANGING_CLONES = ("isra", "constprop", "part")
 _VERSION_RE = re.compile(rb"QEMU emulator version ([0-9][0-9A-Za-z.+~:() _-]{0,80})")
+# MiniDebugInfo is a small ELF of symbols (QEMU's: ~1 MB); inflating more than this, or far
+# more than the binary itself, is a decompression bomb, refused before it is in memory
+MINIDEBUG_MAX = 256 << 20
+MINIDEBUG_RATIO = 16
 
 @dataclass(frozen=True)
 class Symbol:
@@ -77,9 +82,25 @@ class Resolution:
     debug_hint: str = ""
     inlined: dict[str, list[int]] = field(default_factory=dict)  # name -> inlined instance vaddrs
     dwarf: bool = False
-    loads: list[tuple[int, int, int]] = field(default_factory=list)  # PT_LOAD (vaddr, filesz, off)
+    # executable PT_LOADs (vaddr, filesz, off): a function, inlined copy or USDT site is
+    # probed only where it is code
+    loads: list[tuple[int, int, int]] = field(default_factory=list)
     retry: bool = False  # a debuginfod fetch failed: do not cache this resolution
     usdt: dict[str, list[elfio.UsdtSite]] = field(default_factory=dict)  # "prov:name" -> sites
+
+    def to_dict(self) -> dict:
+        """JSON-ready (the resolver child answers with it)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Resolution:
+        return cls(**{
+            **d,
+            "found": {n: [Symbol(**s) for s in syms] for n, syms in d["found"].items()},
+            "missing": {n: Missing(**m) for n, m in d["missing"].items()},
+            "loads": [tuple(x) for x in d["loads"]],
+            "usdt": {n: [elfio.UsdtSite(**u) for u in sites] for n, sites in d["usdt"].items()},
+        })
 
     def inlined_offsets(self, name: str) -> list[int]:
         """File offsets of the inlined instances of `name` (for uprobes)."""
@@ -108,7 +129,9 @@ class ElfSymbols:
         self._extra_streams: list[io.BufferedIOBase] = []
         try:
             self.build_id = elfio.build_id(self.elf)
-            self.loads = elfio.loads(self.elf, os.fstat(self._stream.fileno()).st_size)
+            self.size = os.fstat(self._stream.fileno()).st_size
+            self.loads = elfio.loads(self.elf, self.size)
+            self.code = elfio.loads(self.elf, self.size, executable=True)
             self.elf_type = self.elf["e_type"]
         except elfio.MALFORMED as exc:
             self.close()
@@ -146,6 +169,16 @@ class ElfSymbols:
             self.problems.append(f"{section}: unreadable ({exc})")
         return table
 
+    def _inflate(self, mini) -> bytes:
+        """.gnu_debugdata's xz stream, at most MINIDEBUG_MAX and MINIDEBUG_RATIO times the
+        binary's size."""
+        cap = min(MINIDEBUG_MAX, MINIDEBUG_RATIO * self.size)
+        dec = lzma.LZMADecompressor()
+        data = dec.decompress(elfio.section_data(mini), max_length=cap)
+        if not dec.eof:
+            raise ValueError(f"inflates past {cap >> 20} MiB: refused (a decompression bomb?)")
+        return data
+
     def tables(self) -> list[tuple[str, dict[str, list[tuple[str, int, int, str]]]]]:
         if self._tables is not None:
             return self._tables
@@ -156,7 +189,7 @@ class ElfSymbols:
         mini = self.elf.get_section_by_name(".gnu_debugdata")
         if mini is not None:
             try:
-                inner, stream = elfio.open_elf(lzma.decompress(mini.data()), ".gnu_debugdata")
+                inner, stream = elfio.open_elf(self._inflate(mini), ".gnu_debugdata")
                 self._extra_streams.append(stream)
                 tables.append((".gnu_debugdata", self._table(inner, ".symtab")))
             except (lzma.LZMAError, ElfError, elfio.PyElfError, ValueError) as exc:
@@ -188,8 +221,10 @@ class ElfSymbols:
                 if vaddr in seen:
                     continue
                 seen.add(vaddr)
-                offset = elfio.vaddr_to_offset(self.loads, vaddr)
-                if offset is None:
+                offset = elfio.vaddr_to_offset(self.code, vaddr)
+                if offset is None:  # not in code: no breakpoint goes there, whatever it says
+                    self.problems.append(f"{source}: {sym_name} at {vaddr:#x} is outside the "
+                                         "binary's executable segments: ignored")
                     continue
                 insn, emulated = self.first_insn(offset)
                 out.append(Symbol(sym_name, name, vaddr, size, offset, source,
@@ -203,7 +238,7 @@ class ElfSymbols:
         if sec is None:
             return None
         try:
-            m = _VERSION_RE.search(sec.data())
+            m = _VERSION_RE.search(elfio.section_data(sec))
         except (elfio.PyElfError, ValueError, OSError):
             return None
         return m.group(1).decode(errors="replace").strip() if m else None
@@ -248,7 +283,7 @@ def resolve(path: str, names: Iterable[str], *, debug_roots: Iterable[str] = DEF
     """
     try:
         return _resolve(path, names, debug_roots, display, inline_names, debuginfod)
-    except ElfError:
+    except (ElfError, MemoryError):  # out of memory: the resolver child's limit says why
         raise
     except Exception as exc:  # noqa: BLE001 - the resolver's error boundary
         raise ElfError(f"{display or path}: malformed ELF: {type(exc).__name__}: {exc}") from None
@@ -258,7 +293,7 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
              inline_names: Iterable[str], debuginfod: Debuginfod | None) -> Resolution:
     with ElfSymbols(path, debug_roots, display, debuginfod) as binary:
         res = Resolution(binary.display, binary.build_id, binary.qemu_version(),
-                         binary.elf_type, loads=list(binary.loads))
+                         binary.elf_type, loads=list(binary.code))
         res.sources = [s for s, _ in binary.tables()]
         full = [s for s in res.sources if s != ".dynsym"]
         where = (f"/usr/lib/debug/.build-id/{binary.build_id[:2]}/{binary.build_id[2:]}.debug"
@@ -275,7 +310,7 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
                     f"debug symbols: install the debug symbols for build-id "
                     f"{binary.build_id or '?'} ({where}), or name a debuginfod server "
                     "(DEBUGINFOD_URLS)")
-        res.usdt = elfio.usdt_sites(binary.elf, res.loads)
+        res.usdt = elfio.usdt_sites(binary.elf, binary.loads, binary.code)
         res.dwarf = binary.dwarf_path is not None
         res.retry = binary.debug.fetch_failed
         res.inlined = binary.inlined_instances(inline_names, res.found)
@@ -286,23 +321,28 @@ def _resolve(path: str, names: Iterable[str], debug_roots: Iterable[str], displa
         return res
 
 
-_CACHE: dict[tuple[str | None, tuple[str, ...], tuple[str, ...]], Resolution] = {}
+_CACHE: dict[tuple, Resolution] = {}
 
 
 def resolve_cached(path: str, names: Iterable[str], *,
                    debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
                    display: str | None = None, inline_names: Iterable[str] = (),
                    debuginfod: Debuginfod | None = None) -> Resolution:
-    """Like resolve(), once per build-id: 100 VMs of one binary resolve once.
+    """Like resolve(), once per file: 100 VMs of one binary resolve once.
 
-    Reading the build-id note is cheap; the symbol tables and DWARF are not.
+    Keyed by the file's identity (device, inode, size, mtime), never by its build-id
+    alone: a build-id is chosen by whoever links the file, so another file claiming a
+    real QEMU's build-id must not lend that QEMU its offsets.
     """
-    build_id = elfio.read_build_id(path, display)
-    key = (build_id, tuple(names), tuple(debug_roots))
-    if build_id and key in _CACHE:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ElfError(f"{display or path}: cannot read: {exc.strerror}") from None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tuple(names), tuple(debug_roots))
+    if key in _CACHE:
         return _CACHE[key]
-    res = resolve(path, key[1], debug_roots=debug_roots, display=display,
+    res = resolve(path, key[4], debug_roots=debug_roots, display=display,
                   inline_names=inline_names, debuginfod=debuginfod)
-    if build_id and not res.retry:
+    if not res.retry:
         _CACHE[key] = res
     return res

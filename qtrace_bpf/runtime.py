@@ -41,6 +41,10 @@ class RunningProgram:
             raise QtraceError(f"BPF program is {self.state}, expected attached")
         self.links.attach_binary(plan)
 
+    def detach_binary(self, plan: AttachPlan) -> None:
+        """Every uprobe of the plan's file goes (no process uses that file any more)."""
+        self.links.detach_binary(plan)
+
     def poll(self, timeout_ms: int) -> None:
         self._ring.poll(timeout_ms)
 

@@ -56,10 +56,19 @@ def parse_name(argv: list[str]) -> str | None:
     return None
 
 
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-?(?:[0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}")
+
+
 def parse_uuid(argv: list[str]) -> str:
+    """-uuid, canonical lowercase; anything else is no uuid (it becomes a label: a 128 KiB
+    value would fail Prometheus' whole scrape)."""
     for i, arg in enumerate(argv):
         if arg in ("-uuid", "--uuid") and i + 1 < len(argv):
-            return argv[i + 1]
+            raw = argv[i + 1]
+            if not _UUID_RE.fullmatch(raw):
+                return ""
+            h = raw.replace("-", "").lower()
+            return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return ""
 
 

@@ -57,7 +57,7 @@ class Tracker:
         self.log = log or (lambda _msg, **_kw: None)
         self.lock = threading.RLock()
         self.vms: dict[int, TracedVm] = {}
-        self.refused = 0  # VMs not traced: max_vms reached
+        self.refused = 0  # VMs not traced: max_vms reached, or the procs map full
         # (vm, reason) -> times counting stopped or started late: "found_running" (adopted
         # by a scan: its earlier writes were not counted); the daemon adds restart reasons
         self.gaps: Counter = Counter()
@@ -98,22 +98,17 @@ class Tracker:
                 if old.start_time == start and vm_id in (None, old.vm_id):
                     return old  # already ours: the kernel's windows stay as they are
                 self.exited(old.vm_id)  # pid reused, or the process exec'd again
-            if sum(1 for v in self.vms.values() if v.exited_at is None) >= self.max_vms:
-                self.refused += 1
-                self._drop_kernel(pid, vm_id)
-                self.log("VM refused: max_vms reached", level="warning", pid=pid,
-                         vm=target.name, max_vms=self.max_vms)
-                return None
             display = target.exe
             known = len(self.binaries.plans)
             try:
-                plan = self.binaries.get(target.exe_path, display)
+                plan = self.binaries.get(target.exe_path, display, pid)
             except AttachError as exc:
                 self._drop_kernel(pid, vm_id)
                 if not targets.alive(pid, start):
                     exc.reason = "vanished"  # it went away while we looked: not worth a warning
                 self.attach_errors[exc.reason] = self.attach_errors.get(exc.reason, 0) + 1
-                self.log("not traced", level="debug" if exc.reason == "vanished" else "warning",
+                quiet = exc.reason in ("vanished", "untrusted_binary")  # gone; logged once
+                self.log("not traced", level="debug" if quiet else "warning",
                          pid=pid, vm=target.name, reason=exc.reason, error=exc)
                 return None
             # read again: attaching a binary takes up to seconds, while QEMU creates vCPUs
@@ -122,10 +117,21 @@ class Tracker:
             if vm_id is None and kernel is not None:
                 vm_id = kernel.vm
             late = vm_id is None
+            if fds and not self._room_for_vm():
+                return self._refuse(pid, vm_id, target.name, "max_vms reached")
+            # Processes without a vCPU yet (a VM at exec, capability probes) hold no VM slot;
+            # they are bounded apart, so that they can never refuse a VM that holds vCPUs
+            if not fds and sum(1 for v in self.vms.values()
+                               if not v.has_vcpus and v.exited_at is None) >= self.max_vms:
+                return self._refuse(pid, vm_id, target.name, "max_vms processes without a "
+                                    "vCPU tracked")
             if late:
                 vm_id = self._new_user_id()
                 # A QEMU holding vCPU fds has created its machine: boot is over.
-                self.maps.insert_proc(pid, vm_id, boot_done=bool(fds))
+                try:
+                    self.maps.insert_proc(pid, vm_id, boot_done=bool(fds))
+                except QtraceError as exc:  # the procs map is full: refused, never fatal
+                    return self._refuse(pid, None, target.name, str(exc))
                 self.maps.set_vcpu_fds(vm_id, fds)
             elif len(self.binaries.plans) > known and fds:
                 # Its binary was attached only now: its boot windows were never seen.
@@ -142,6 +148,31 @@ class Tracker:
             self.log("tracking", vm=vm.name, pid=pid, vm_id=f"{vm_id:#x}", found_by=found_by,
                      uuid=vm.uuid or None)
             return vm
+
+    def _refuse(self, pid: int, vm_id: int | None, name: str, why: str) -> None:
+        self.refused += 1
+        self._drop_kernel(pid, vm_id)
+        self.log("VM refused", level="warning", pid=pid, vm=name, reason=why,
+                 max_vms=self.max_vms)
+        return None
+
+    def _room_for_vm(self) -> bool:
+        """Is there a slot for one more VM?  Slots are held by processes that created a
+        vCPU, live or exited within the grace period; the oldest exited VM gives its slot
+        (its series go early) before a live VM is refused."""
+        while sum(1 for v in self.vms.values() if v.has_vcpus) >= self.max_vms:
+            if not self._expire_oldest():
+                return False
+        return True
+
+    def _expire_oldest(self) -> bool:
+        exited = [v for v in self.vms.values() if v.exited_at is not None]
+        if not exited:
+            return False
+        oldest = min(exited, key=lambda v: v.exited_at or 0.0)
+        self.forget(oldest.vm_id)
+        self.log("forgotten early: its slot is needed", vm=oldest.name, pid=oldest.pid)
+        return True
 
     def _new_user_id(self) -> int:
         self._next_user_id += 1
@@ -247,6 +278,12 @@ class Tracker:
         if not vm.has_vcpus:
             ids = self.maps.vm_ids_with_vcpus() if with_vcpus is None else with_vcpus
             if vm.vm_id in ids:
+                if not self._room_for_vm():  # it became a VM with every slot taken
+                    self.refused += 1
+                    self.log("VM refused", level="warning", pid=vm.pid, vm=vm.name,
+                             reason="max_vms reached", max_vms=self.max_vms)
+                    self.forget(vm.vm_id)
+                    return False
                 self._became_vm(vm)
         return vm.has_vcpus
 
@@ -256,5 +293,6 @@ class Tracker:
             pending = [vm for vm in self.vms.values() if not vm.has_vcpus]
             ids = self.maps.vm_ids_with_vcpus() if pending else set()
             for vm in pending:
-                self._confirm(vm, ids)
+                if vm.vm_id in self.vms:
+                    self._confirm(vm, ids)
             return {i: vm for i, vm in self.vms.items() if vm.has_vcpus}

@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from . import binaries, maps, targets
+from . import maps, targets
 from .binaries import QemuBinaries
 from .catalog import load_catalog
 from .debugfiles import DEFAULT_DEBUG_ROOTS
@@ -100,7 +100,14 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
     # Bad pids and unusable binaries are reported before anything is compiled.
     target = targets.open_target(pid)
     debuginfod = Debuginfod.from_env()
-    res = binaries.resolve(catalog, target.exe_path, target.exe, debug_roots, debuginfod)
+    # the file is opened once: checked as trusted, parsed and later attached through that fd
+    opener = QemuBinaries(catalog, lambda _plan: None, debug_roots, debuginfod)
+    binary = opener.open(target.exe_path, target.exe, pid)
+    try:
+        res = opener.resolve(binary)
+    except BaseException:
+        binary.close()
+        raise
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -121,7 +128,7 @@ def run_watch(pid: int, *, as_json: bool, duration: float | None, hook: str | No
     try:
         prog = QtraceProgram(catalog, hook=hook, log=log_stderr, write_events=True)
         bins = QemuBinaries(catalog, prog.attach_binary, debug_roots, debuginfod)
-        bins.get(target.exe_path, target.exe, res)
+        bins.get(target.exe_path, target.exe, pid, opened=(binary, res))
         tracker = Tracker(prog.maps, bins, max_vms=1, grace=0)
         vm = tracker.adopt(pid, "scan", target=target)
         if vm is None:

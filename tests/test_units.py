@@ -97,8 +97,16 @@ def test_parse_name(argv, name):
     assert parse_name(argv) == name
 
 
-def test_uuid_and_sanitize():
-    assert parse_uuid(["q", "-uuid", "abc"]) == "abc"
+def test_only_a_real_uuid_becomes_a_label():
+    u = "5A2E3F10-0C1B-4D2E-9F3A-1B2C3D4E5F60"
+    assert parse_uuid(["q", "-uuid", u]) == u.lower()
+    assert parse_uuid(["q", "-uuid", u.replace("-", "")]) == u.lower()
+    assert parse_uuid(["q", "-uuid", "abc"]) == ""
+    assert parse_uuid(["q", "-uuid", u + "0" * 128 * 1024]) == "", "a 128 KiB -uuid is no label"
+    assert parse_uuid(["q", "-uuid", u + "\n"]) == ""
+
+
+def test_sanitize_label():
     assert sanitize_label("a\nb\x00c" + "x" * 100) == "a?b?c" + "x" * 59
 
 
