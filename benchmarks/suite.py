@@ -513,7 +513,7 @@ from qtrace_bpf import elfsym
 from qtrace_bpf.catalog import load_catalog
 from qtrace_bpf.debuginfod import Debuginfod
 names = load_catalog().functions
-d = Debuginfod(urls=(sys.argv[2],), cache=sys.argv[3])
+d = Debuginfod(urls=(sys.argv[2],), cache=sys.argv[3], allow_http=True)
 t = time.perf_counter()
 res = elfsym.resolve(sys.argv[1], names, inline_names=names, debuginfod=d)
 cold = time.perf_counter() - t

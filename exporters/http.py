@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from qtrace_bpf.logfmt import RateLimited
 
+from .auth import AuthGate, Throttle
 from .webconfig import BasicAuth, TlsContext, WebConfig
 
 MAX_HEADER = 16 * 1024
@@ -38,6 +39,10 @@ class Limits:
     read_timeout: float = 10.0  # TLS handshake, and a request's head, must arrive within
     idle_timeout: float = 30.0  # an idle keep-alive connection is closed after
     backlog: int = 256
+    auth_workers: int = 1  # bcrypt threads: apart from the render threads
+    auth_queue: int = 8  # bcrypt checks waiting at most; more are answered 429 at once
+    auth_failures: int = 5  # bad passwords from one address per window, then 429
+    auth_window: float = 60.0
 
 
 @dataclass
@@ -51,7 +56,8 @@ class Response:
 # App: (method, path, headers) -> Response; runs in a worker thread.
 App = Callable[[str, str, dict[str, str]], Response]
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+            405: "Method Not Allowed", 429: "Too Many Requests",
+            431: "Request Header Fields Too Large",
             503: "Service Unavailable"}
 
 
@@ -65,7 +71,9 @@ class Server:
         self.limits = limits or Limits()
         self.log = log or (lambda _msg, **_kw: None)
         self.tls = TlsContext(self.web, self.log) if self.web.tls else None
-        self.auth = BasicAuth(self.web.users)
+        self.auth = AuthGate(BasicAuth(self.web.users), self.limits.auth_workers,
+                             self.limits.auth_queue,
+                             Throttle(self.limits.auth_failures, self.limits.auth_window))
         self.pool = concurrent.futures.ThreadPoolExecutor(self.limits.workers,
                                                           thread_name_prefix="qtrace-render")
         self.active = 0
@@ -94,22 +102,12 @@ class Server:
         fut.result(30)  # OSError (address in use, no IPv6...) reaches the caller
 
     async def _listen(self) -> None:
-        tls = {}
-        if self.tls is not None:
-            # The handshake runs in the loop, under its timeout, before _handle; each
-            # connection then takes the current certificates (rotation without a restart).
-            base = self.tls.get()
-            current = self.tls.get
-
-            def take_current(sslobj: ssl.SSLObject, _name: str | None, _ctx) -> None:
-                sslobj.context = current()
-
-            base.sni_callback = take_current  # called for every ClientHello, SNI or not
-            tls = {"ssl": base, "ssl_handshake_timeout": self.limits.read_timeout}
+        # TLS is started per connection in _serve (the current certificates: rotation
+        # without a restart), so a handshake holds one of max_connections like a request
         for host, port in self.addresses:
             sock = _bind(host, port)
             sock.listen(self.limits.backlog)
-            server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEADER, **tls)
+            server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEADER)
             self._servers.append(server)
 
     @property
@@ -140,6 +138,7 @@ class Server:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.auth.pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop_error(self, _loop, context: dict) -> None:
         """asyncio's report of an error no task awaited (e.g. its accept loop hitting
@@ -178,6 +177,9 @@ class Server:
             return
         self.active += 1
         try:
+            if self.tls is not None:
+                await writer.start_tls(self.tls.get(),
+                                       ssl_handshake_timeout=self.limits.read_timeout)
             timeout = self.limits.read_timeout
             while True:
                 self._idle[writer] = self._loop.time()
@@ -229,8 +231,13 @@ class Server:
                              False)
             return False
         if self.auth.enabled:
-            ok = await self._loop.run_in_executor(self.pool, self.auth.check,
-                                                  headers.get("authorization"))
+            peer = writer.get_extra_info("peername")
+            ok = await self.auth.check(self._loop, headers.get("authorization"),
+                                       str(peer[0]) if peer else "?")
+            if ok is None:
+                await self._send(writer, Response(429, b"too many failed logins\n", headers=(
+                    ("Retry-After", str(int(self.limits.auth_window))),)), False, method)
+                return False
             if not ok:
                 await self._send(writer, Response(401, b"Unauthorized\n", headers=(
                     ("WWW-Authenticate", 'Basic realm="qtrace"'),)), keep, method)

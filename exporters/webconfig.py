@@ -222,22 +222,38 @@ class BasicAuth:
         return bool(self.users)
 
     def check(self, header: str | None) -> bool:
-        if not self.users:
-            return True
-        if not header or not header.startswith("Basic "):
-            return False
+        """The whole check (cached, then bcrypt): for callers that may block."""
+        known = self.cached(header)
+        return known if known is not None else self.verify(header)
+
+    def cached(self, header: str | None) -> bool | None:
+        """Cheap, for the event loop: False for a malformed header, True for one that
+        passed within CACHE_SECONDS, None when only bcrypt can tell."""
+        parsed = self._parse(header)
+        if parsed is None:
+            return not self.users
+        with self._lock:
+            return True if self._ok.get(parsed[2], 0.0) > time.monotonic() else None
+
+    def _parse(self, header: str | None) -> tuple[str, str, bytes] | None:
+        if not self.users or not header or not header.startswith("Basic "):
+            return None
         try:
             user, sep, password = base64.b64decode(header[6:], validate=True) \
                 .decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
+            return None
         if not sep:
-            return False
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+            return None
+        return user, password, hashlib.sha256(f"{user}\0{password}".encode()).digest()
+
+    def verify(self, header: str | None) -> bool:
+        """bcrypt (~0.2 s at cost 12): run it off the event loop, in a bounded pool."""
+        parsed = self._parse(header)
+        if parsed is None:
+            return not self.users
+        user, password, key = parsed
         now = time.monotonic()
-        with self._lock:
-            if self._ok.get(key, 0.0) > now:
-                return True
         pw = password.encode()
         h = self.users.get(user, self._dummy)
         try:
@@ -252,3 +268,4 @@ class BasicAuth:
                     self._ok.clear()
                 self._ok[key] = now + self.CACHE_SECONDS
         return ok
+

@@ -118,3 +118,20 @@ def _elf_magic(path: str) -> bool:
             return f.read(4) == b"\x7fELF"
     except OSError:
         return False
+
+
+def dwz_candidates(name: str, build_id: str, here: str, roots: Iterable[str]) -> list[str]:
+    """Where the dwz file a .gnu_debugaltlink names may be: a bare name beside the debug
+    file, Debian's absolute /usr/lib/debug/.dwz/... under each debug root, or by the
+    link's build-id; never a path that leaves the debug roots."""
+    cands = []
+    if elfio.is_basename(name):
+        cands.append(os.path.join(here, name))
+    elif name.startswith("/usr/lib/debug/"):
+        rel = os.path.normpath(name.removeprefix("/usr/lib/debug/"))
+        if not rel.startswith(".."):
+            cands += [os.path.join(root, rel) for root in roots]
+    if len(build_id) > 2 and all(c in "0123456789abcdef" for c in build_id):
+        cands += [os.path.join(root, ".build-id", build_id[:2], build_id[2:] + ".debug")
+                  for root in roots]
+    return cands

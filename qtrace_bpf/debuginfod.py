@@ -47,11 +47,14 @@ class Debuginfod:
     @classmethod
     def from_env(cls, urls: tuple[str, ...] = (), cache: str | None = None,
                  allow_http: bool = False, quota: int = DEFAULT_QUOTA) -> Debuginfod:
-        """Configured URLs, else DEBUGINFOD_URLS (space-separated, as elfutils reads it)."""
+        """Configured URLs, else DEBUGINFOD_URLS (space-separated, as elfutils reads it).
+        QTRACE_DEBUGINFOD_ALLOW_HTTP=1 allows plain http where no config says so (watch,
+        symbols: an engineer's local server)."""
         env = tuple(os.environ.get("DEBUGINFOD_URLS", "").split())
         return cls(urls=tuple(urls) or env,
                    cache=cache or os.environ.get("QTRACE_DEBUGINFO_CACHE") or DEFAULT_CACHE,
-                   allow_http=allow_http, quota=quota)
+                   allow_http=allow_http or
+                   os.environ.get("QTRACE_DEBUGINFOD_ALLOW_HTTP") == "1", quota=quota)
 
     def remove_partial(self) -> list[str]:
         """Downloads a killed fetch left half-written (called at start)."""

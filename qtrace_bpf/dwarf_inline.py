@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator
 from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DwarfConfig, DWARFInfo
 from elftools.elf.elffile import ELFFile
 
+from .debugfiles import dwz_candidates
 from .elf import build_id as elf_build_id
-from .elf import is_basename
 
 # pyelftools >= 0.30 takes .debug_types too (DWARF 4 type units; none here); 0.29 (Debian 12)
 # does not know the argument.
@@ -67,7 +67,6 @@ class _Slice:
         data = self._mm[self._start + self._pos:self._start + end]
         self._pos = end
         return data
-
 
 
 class DwarfFile:
@@ -128,8 +127,7 @@ class DwarfFile:
         raw = self.raw.get(".gnu_debugaltlink")
         if raw is None:
             return None
-        buf, start, size = raw
-        data = bytes(buf[start:start + size])
+        data = bytes(raw[0][raw[1]:raw[1] + raw[2]])  # (buffer, start, size)
         end = data.find(b"\0")
         if end <= 0:
             return None
@@ -141,17 +139,7 @@ class DwarfFile:
         if link is None:
             return None
         name, build_id = link
-        cands = []
-        if is_basename(name):
-            cands.append(os.path.join(os.path.dirname(self.path), name))
-        elif name.startswith("/usr/lib/debug/"):  # Debian's /usr/lib/debug/.dwz/<arch>/<pkg>
-            rel = os.path.normpath(name.removeprefix("/usr/lib/debug/"))
-            if not rel.startswith(".."):  # never outside the debug roots
-                cands += [os.path.join(root, rel) for root in debug_roots]
-        if len(build_id) > 2 and all(c in "0123456789abcdef" for c in build_id):
-            cands += [os.path.join(root, ".build-id", build_id[:2], build_id[2:] + ".debug")
-                      for root in debug_roots]
-        for cand in cands:
+        for cand in dwz_candidates(name, build_id, os.path.dirname(self.path), debug_roots):
             if os.path.isfile(cand):
                 alt = DwarfFile(cand)
                 if build_id and elf_build_id(alt.elf) not in (None, build_id):
@@ -207,24 +195,19 @@ class DwarfFile:
         return found
 
     def inlinable_subtrees(self, unit_offset: int) -> Iterator:
-        """Every DIE of one unit that can be (or hold) an inlined call."""
-        cu = self.dwarf.get_CU_at(unit_offset)
-        stack = [cu.get_top_DIE()]
-        seen: set[int] = set()  # a DW_AT_sibling pointing back must not walk forever
+        """Every DIE of one unit that can be (or hold) an inlined call; a DW_AT_sibling
+        that points back cannot make the walk endless."""
+        stack = [self.dwarf.get_CU_at(unit_offset).get_top_DIE()]
         while stack:
             die = stack.pop()
-            if die.offset in seen:
-                continue
-            seen.add(die.offset)
             yield die
             if die.tag in _DESCEND and die.has_children:
                 kids: set[int] = set()
                 for child in die.iter_children():
                     if child.offset in kids or child.offset <= die.offset:
-                        break  # a child before its parent, or met again: a loop
+                        break  # met again, or before its parent: a loop
                     kids.add(child.offset)
                     stack.append(child)
-
 
 
 def _origin_name(die) -> str | None:

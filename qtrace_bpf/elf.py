@@ -8,6 +8,7 @@ of what a server sent) reads ELF the same way; this one knows nothing else of qt
 from __future__ import annotations
 
 import io
+import lzma
 import re
 import struct
 import zlib
@@ -270,3 +271,13 @@ def read_build_id(path: str, display: str | None = None) -> str | None:
         return build_id(elf)
     finally:
         stream.close()
+
+
+def inflate_xz(data: bytes, cap: int) -> bytes:
+    """An xz stream (MiniDebugInfo) inflated to at most `cap` bytes: a decompression bomb
+    is refused before it is in memory."""
+    dec = lzma.LZMADecompressor()
+    out = dec.decompress(data, max_length=cap)
+    if not dec.eof:
+        raise ValueError(f"inflates past {cap >> 20} MiB: refused (a decompression bomb?)")
+    return out

@@ -8,7 +8,6 @@ which is right for PIE and non-PIE alike, also where p_vaddr != p_offset.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import lzma
 import os
@@ -32,8 +31,7 @@ from .first_insn import classify
 _CLONE_RE = re.compile(r"^(?P<base>[^.]+)\.(?:isra|constprop|part|lto_priv|localalias)\.\d+")
 ARG_CHANGING_CLONES = ("isra", "constprop", "part")
 _VERSION_RE = re.compile(rb"QEMU emulator version ([0-9][0-9A-Za-z.+~:() _-]{0,80})")
-# MiniDebugInfo is a small ELF of symbols (QEMU's: ~1 MB); inflating more than this, or far
-# more than the binary itself, is a decompression bomb, refused before it is in memory
+# MiniDebugInfo (QEMU's: ~1 MB) past these is a decompression bomb
 MINIDEBUG_MAX = 256 << 20
 MINIDEBUG_RATIO = 16
 
@@ -82,25 +80,10 @@ class Resolution:
     debug_hint: str = ""
     inlined: dict[str, list[int]] = field(default_factory=dict)  # name -> inlined instance vaddrs
     dwarf: bool = False
-    # executable PT_LOADs (vaddr, filesz, off): a function, inlined copy or USDT site is
-    # probed only where it is code
+    # executable PT_LOADs (vaddr, filesz, off): functions are probed only in code
     loads: list[tuple[int, int, int]] = field(default_factory=list)
     retry: bool = False  # a debuginfod fetch failed: do not cache this resolution
     usdt: dict[str, list[elfio.UsdtSite]] = field(default_factory=dict)  # "prov:name" -> sites
-
-    def to_dict(self) -> dict:
-        """JSON-ready (the resolver child answers with it)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Resolution:
-        return cls(**{
-            **d,
-            "found": {n: [Symbol(**s) for s in syms] for n, syms in d["found"].items()},
-            "missing": {n: Missing(**m) for n, m in d["missing"].items()},
-            "loads": [tuple(x) for x in d["loads"]],
-            "usdt": {n: [elfio.UsdtSite(**u) for u in sites] for n, sites in d["usdt"].items()},
-        })
 
     def inlined_offsets(self, name: str) -> list[int]:
         """File offsets of the inlined instances of `name` (for uprobes)."""
@@ -169,16 +152,6 @@ class ElfSymbols:
             self.problems.append(f"{section}: unreadable ({exc})")
         return table
 
-    def _inflate(self, mini) -> bytes:
-        """.gnu_debugdata's xz stream, at most MINIDEBUG_MAX and MINIDEBUG_RATIO times the
-        binary's size."""
-        cap = min(MINIDEBUG_MAX, MINIDEBUG_RATIO * self.size)
-        dec = lzma.LZMADecompressor()
-        data = dec.decompress(elfio.section_data(mini), max_length=cap)
-        if not dec.eof:
-            raise ValueError(f"inflates past {cap >> 20} MiB: refused (a decompression bomb?)")
-        return data
-
     def tables(self) -> list[tuple[str, dict[str, list[tuple[str, int, int, str]]]]]:
         if self._tables is not None:
             return self._tables
@@ -189,7 +162,9 @@ class ElfSymbols:
         mini = self.elf.get_section_by_name(".gnu_debugdata")
         if mini is not None:
             try:
-                inner, stream = elfio.open_elf(self._inflate(mini), ".gnu_debugdata")
+                inner, stream = elfio.open_elf(elfio.inflate_xz(
+                    elfio.section_data(mini), min(MINIDEBUG_MAX, MINIDEBUG_RATIO * self.size)),
+                    ".gnu_debugdata")
                 self._extra_streams.append(stream)
                 tables.append((".gnu_debugdata", self._table(inner, ".symtab")))
             except (lzma.LZMAError, ElfError, elfio.PyElfError, ValueError) as exc:
@@ -223,8 +198,8 @@ class ElfSymbols:
                 seen.add(vaddr)
                 offset = elfio.vaddr_to_offset(self.code, vaddr)
                 if offset is None:  # not in code: no breakpoint goes there, whatever it says
-                    self.problems.append(f"{source}: {sym_name} at {vaddr:#x} is outside the "
-                                         "binary's executable segments: ignored")
+                    self.problems.append(f"{source}: {sym_name} at {vaddr:#x} is outside "
+                                         "the binary's executable segments: ignored")
                     continue
                 insn, emulated = self.first_insn(offset)
                 out.append(Symbol(sym_name, name, vaddr, size, offset, source,
@@ -328,12 +303,9 @@ def resolve_cached(path: str, names: Iterable[str], *,
                    debug_roots: Iterable[str] = DEFAULT_DEBUG_ROOTS,
                    display: str | None = None, inline_names: Iterable[str] = (),
                    debuginfod: Debuginfod | None = None) -> Resolution:
-    """Like resolve(), once per file: 100 VMs of one binary resolve once.
-
-    Keyed by the file's identity (device, inode, size, mtime), never by its build-id
-    alone: a build-id is chosen by whoever links the file, so another file claiming a
-    real QEMU's build-id must not lend that QEMU its offsets.
-    """
+    """Like resolve(), once per file (device, inode, size, mtime), never per build-id:
+    whoever links a file chooses its build-id, so a file claiming a real QEMU's must not
+    lend that QEMU its offsets."""
     try:
         st = os.stat(path)
     except OSError as exc:

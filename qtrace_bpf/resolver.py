@@ -12,6 +12,7 @@ reads a byte, and answers one JSON object on stdout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -45,8 +46,6 @@ def resolve_isolated(bf: BinaryFile, names: tuple[str, ...], debug_roots: tuple[
     """The Resolution of `bf`, computed by a child; ElfError on any failure of the child
     (its message, or what killed it).  tick: called about once a second while waiting (the
     daemon's liveness beat)."""
-    from .elfsym import Resolution
-
     request = {"names": list(names), "debug_roots": list(debug_roots), "display": bf.display,
                "cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_bytes,
                "debuginfod": None if debuginfod is None else {
@@ -80,7 +79,21 @@ def resolve_isolated(bf: BinaryFile, names: tuple[str, ...], debug_roots: tuple[
     if child.returncode != 0 or "resolution" not in answer:
         why = answer.get("error") or _death(child.returncode, err, limits)
         raise ElfError(why if why.startswith(bf.display) else f"{bf.display}: {why}")
-    return Resolution.from_dict(answer["resolution"])
+    return from_dict(answer["resolution"])
+
+
+def from_dict(d: dict):
+    """The Resolution the child sent (dataclasses.asdict of it, through JSON)."""
+    from . import elf as elfio
+    from .elfsym import Missing, Resolution, Symbol
+
+    return Resolution(**{
+        **d,
+        "found": {n: [Symbol(**s) for s in syms] for n, syms in d["found"].items()},
+        "missing": {n: Missing(**m) for n, m in d["missing"].items()},
+        "loads": [tuple(x) for x in d["loads"]],
+        "usdt": {n: [elfio.UsdtSite(**u) for u in sites] for n, sites in d["usdt"].items()},
+    })
 
 
 def _death(code: int | None, err: str, limits: Limits) -> str:
@@ -122,7 +135,7 @@ def main() -> int:
     except ElfError as exc:
         print(json.dumps({"error": str(exc)}))
         return 2
-    print(json.dumps({"resolution": res.to_dict()}))
+    print(json.dumps({"resolution": dataclasses.asdict(res)}))
     return 0
 
 

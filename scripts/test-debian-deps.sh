@@ -23,4 +23,4 @@ print("test-debian-deps: " + ", ".join(f"{n} {v}" for n, v in got.items()))
 PY
 exec "$venv/bin/python" -m pytest -ra -p no:cacheprovider tests/test_units.py \
   tests/test_decoders.py tests/test_layout.py tests/test_abi.py tests/test_elfsym.py \
-  tests/test_debuginfod.py tests/test_tracker.py tests/test_http.py "$@"
+  tests/test_debuginfod.py tests/test_tracker.py tests/test_http.py tests/test_trust.py "$@"

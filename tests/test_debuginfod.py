@@ -59,7 +59,8 @@ class Server:
 
 
 def symbols(binary: Path, urls: str, cache: Path) -> dict:
-    env = {**os.environ, "DEBUGINFOD_URLS": urls, "QTRACE_DEBUGINFO_CACHE": str(cache)}
+    env = {**os.environ, "DEBUGINFOD_URLS": urls, "QTRACE_DEBUGINFO_CACHE": str(cache),
+           "QTRACE_DEBUGINFOD_ALLOW_HTTP": "1"}  # a loopback server: plain http allowed
     out = subprocess.run([*QPROBE, "symbols", str(binary), "--json",
                           "--debug-root", "/nonexistent-debug-root"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
@@ -89,7 +90,8 @@ def test_fetched_verified_cached_and_used_offline(fixtures, tmp_path):
 
     res = elfsym.resolve(str(fx.path), ["lifecycle_step"],
                          debug_roots=("/nonexistent-debug-root",),
-                         debuginfod=elfsym.Debuginfod(urls=(server.url,), cache=str(cache)))
+                         debuginfod=elfsym.Debuginfod(urls=(server.url,), cache=str(cache),
+                                                                       allow_http=True))
     assert res.found["lifecycle_step"][0].source == f"build-id:{cached}"  # offline, cached
     # with the server gone, the CLI still resolves from the cache
     offline = symbols(fx.path, server.url, cache)

@@ -166,7 +166,8 @@ def test_concurrent_scrapes_share_renders(fake):
 
 
 def test_basic_auth(fake):
-    f = fake(web=WebConfig(users={"prom": bcrypt_hash(b"s3cret", rounds=10)}))
+    f = fake(web=WebConfig(users={"prom": bcrypt_hash(b"s3cret", rounds=10)}),
+             limits=Limits(auth_failures=100))  # timed below: no 429 for this address
     with pytest.raises(urllib.error.HTTPError) as err:
         get(f.url())
     assert err.value.code == 401 and "Basic" in err.value.headers["WWW-Authenticate"]
@@ -188,6 +189,45 @@ def test_basic_auth(fake):
     cached = time.perf_counter()
     get(f.url(), auth=("prom", "s3cret"))
     assert time.perf_counter() - cached < known, "a successful check is cached"
+
+
+def test_repeated_bad_logins_get_429_without_a_bcrypt_and_scrapes_go_on(fake):
+    """Each bad password costs a bcrypt (~0.2 s at cost 12); an address that keeps failing
+    is answered 429 at once, and a known scraper is checked on the loop from its cache."""
+    f = fake(web=WebConfig(users={"prom": bcrypt_hash(b"s3cret", rounds=12)}),
+             limits=Limits(auth_failures=3, auth_window=60))
+    assert get(f.url(), auth=("prom", "s3cret")).status == 200  # now cached
+    codes = []
+    for i in range(3):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get(f.url(), auth=("prom", f"bad{i}"))
+        codes.append(err.value.code)
+    assert codes == [401, 401, 401]
+    bcrypts = f.server.auth.bcrypts
+    for i in range(20):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get(f.url(), auth=("prom", f"again{i}"))
+        assert err.value.code == 429 and err.value.headers["Retry-After"] == "60"
+    assert f.server.auth.throttled == 20
+    assert f.server.auth.bcrypts == bcrypts, "a 429 costs no bcrypt"
+    stop = threading.Event()
+
+    def storm() -> None:  # bad logins from this address go on meanwhile
+        while not stop.is_set():
+            try:
+                get(f.url(), auth=("prom", "storm"))
+            except urllib.error.HTTPError:
+                pass
+
+    t = threading.Thread(target=storm)
+    t.start()
+    try:
+        for _ in range(10):
+            assert get(f.url(), auth=("prom", "s3cret")).status == 200
+        assert f.server.auth.bcrypts == bcrypts, "the scraper is known from the cache"
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_web_config_errors_at_start(tmp_path):
