@@ -155,13 +155,14 @@ class QtraceUprobes(Tracer):
 
     def attach(self, pid: int, exe: str) -> None:
         from qtrace_bpf import abi, elfsym
-        from qtrace_bpf.binaries import AttachPlan, PlannedProbe, file_key
+        from qtrace_bpf.binaries import AttachPlan, PlannedProbe
         from qtrace_bpf.elf import UsdtSite
 
         res = elfsym.resolve(exe, ())
         sites = [UsdtSite(off, 0, 0) for off in self.offsets]
         probe = self.prog.catalog.probes[0]  # a `mark` probe
-        plan = AttachPlan(file_key(exe), exe, exe, res, [
+        st = os.stat(exe)
+        plan = AttachPlan((st.st_dev, st.st_ino), exe, exe, res, [
             PlannedProbe(probe, None, "bench", usdt="bench", usdt_sites=sites)])
         self.prog.attach_binary(plan)
         self.vm = abi.USER_VM_ID_BASE + pid

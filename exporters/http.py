@@ -177,7 +177,8 @@ class Server:
             return
         self.active += 1
         try:
-            if self.tls is not None:
+            if self.tls is not None:  # a stalled handshake is idle: the first to make room
+                self._idle[writer] = self._loop.time()
                 await writer.start_tls(self.tls.get(),
                                        ssl_handshake_timeout=self.limits.read_timeout)
             timeout = self.limits.read_timeout

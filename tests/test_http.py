@@ -119,6 +119,26 @@ def test_one_idle_tls_connection_does_not_delay_a_scrape(fake, tmp_path):
         idle.close()
 
 
+def test_tls_handshakes_count_against_max_connections(fake, tmp_path):
+    """Connections that never finish a handshake hold a slot each (they cannot pile up
+    outside the limit), and the oldest makes room for a scraper."""
+    crt, key = make_cert(tmp_path)
+    f = fake(web=WebConfig(cert_file=str(crt), key_file=str(key)),
+             limits=Limits(max_connections=16))
+    ctx = ssl.create_default_context(cafile=str(crt))
+    stalled = [socket.create_connection(("127.0.0.1", f.port)) for _ in range(40)]
+    try:
+        deadline = time.monotonic() + 10
+        while f.server.active < 16 or f.server.evicted < 24:
+            assert time.monotonic() < deadline, (f.server.active, f.server.evicted)
+            time.sleep(0.05)
+        assert f.server.active == 16, "a handshake under way holds a connection slot"
+        assert get(f.url(scheme="https"), ctx=ctx).status == 200
+    finally:
+        for s in stalled:
+            s.close()
+
+
 def test_idle_connections_are_closed_after_the_timeout(fake):
     f = fake(limits=Limits(read_timeout=0.5, idle_timeout=0.5))
     s = socket.create_connection(("127.0.0.1", f.port))

@@ -282,3 +282,42 @@ def test_forget_removes_every_per_vm_entry(bpf_caps, nothing_left):
             vms = [k.vm for k in prog.bpf[name].keys()]
             assert vms == [0x80000102], (name, vms)
 
+
+
+def test_an_exited_vm_gives_its_slot_before_a_live_vm_is_refused(qemu):
+    """Exported VMs are capped with those in their grace period counted: at the cap the
+    oldest exited VM's series go early, and a live VM is not refused for it."""
+    a, b = qemu("a"), qemu("b")
+    t = tracker(max_vms=1, grace=3600)
+    t.adopt(a.pid, "exec", 1)
+    t.maps.vcpus.add(1)
+    assert list(t.snapshot()) == [1]
+    t.exited(1)
+    t.adopt(b.pid, "exec", 2)
+    t.maps.vcpus.add(2)
+    assert list(t.snapshot()) == [2], "b became a VM in a's slot"
+    assert 1 not in t.vms and 1 not in t.maps.entries and t.refused == 0
+
+
+def test_processes_without_vcpus_have_a_budget_apart(qemu):
+    """Capability probes (or anything running a trusted QEMU without a vCPU) are bounded,
+    and a VM holding vCPUs is counted against max_vms only."""
+    probes = [qemu(f"probe{i}") for i in range(3)]
+    t = tracker(max_vms=2)
+    assert [t.adopt(p.pid, "exec", 10 + i) is not None for i, p in enumerate(probes)] == \
+        [True, True, False]
+    assert t.refused == 1 and t.snapshot() == {}
+
+
+def test_a_full_procs_map_is_a_refusal_not_a_crash(qemu):
+    from qtrace_bpf.errors import QtraceError
+
+    p = qemu("full")
+    t = tracker()
+
+    def full(*_a, **_kw):
+        raise QtraceError("procs map: cannot track pid: map full")
+
+    t.maps.insert_proc = full
+    assert t.adopt(p.pid, "scan") is None
+    assert t.refused == 1 and not t.vms

@@ -161,3 +161,61 @@ def test_fakes_of_an_unprivileged_user_steer_no_breakpoint(gcc, tmp_path):
             assert daemon.stop() == 0
         shutil.rmtree(evil)
         shutil.rmtree(bomb_dir)
+
+
+CONTAINER = r"""
+set -eu
+R=$1; QEMU=$2; shift 2
+mount -t tmpfs -o mode=755 rootfs "$R"
+mkdir -p "$R/usr/bin" "$R/usr/lib" "$R/usr/lib64" "$R/usr/share" "$R/dev" "$R/proc" \
+         "$R/old" "$R/run"
+ln -s usr/lib "$R/lib"; ln -s usr/lib64 "$R/lib64"
+for d in usr/lib usr/lib64 usr/share dev; do mount --rbind "/$d" "$R/$d"; done
+cp "$QEMU" "$R/usr/bin/qemu-system-x86_64"
+mount -t proc proc "$R/proc"
+cd "$R"
+pivot_root . old
+/old/usr/bin/umount -l /old
+exec /usr/bin/qemu-system-x86_64 "$@"
+"""
+
+
+def test_a_qemu_in_a_container_is_trusted_through_its_own_root(tmp_path):
+    """As KubeVirt runs it: QEMU from an image layer (root-owned) in its own mount and PID
+    namespaces, its binary reachable only through /proc/PID/root.  It is checked there,
+    probed, and counted from its exec."""
+    check_kvm()
+    real = shutil.which("qemu-system-x86_64")
+    root = Path(tempfile.mkdtemp(prefix="qtrace-ctr-", dir="/var/tmp"))
+    port = free_port()
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(daemon_toml(port, rescan_interval=1))
+    daemon = DaemonProcess(cfg, port)
+    ctr = None
+    try:
+        ctr = popen(["unshare", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "sh", "-c",
+                     CONTAINER, "sh", str(root), str(real), "-accel", "kvm", "-machine", "q35",
+                     "-m", "64", "-display", "none", "-nodefaults", "-boot",
+                     "reboot-timeout=500", "-name", "guest=ctr-vm"],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        m = daemon.wait_for(lambda m: m if sum(v for _, v in samples(
+            m, "qtrace_vm_resets_total", vm="ctr-vm", cause="guest-reset")) >= 2 else None,
+            timeout=40)
+        pid = next(int(lab["pid"]) for lab, _ in samples(m, "qtrace_vm_info", vm="ctr-vm"))
+        exe = os.readlink(f"/proc/{pid}/exe")
+        assert exe == "/usr/bin/qemu-system-x86_64"
+        assert os.stat(f"/proc/{pid}/exe").st_ino != os.stat(real).st_ino, \
+            "the container's own copy, not the host's file"
+        boot = sum(v for _, v in samples(m, "qtrace_kvm_state_writes_total", vm="ctr-vm",
+                                         phase="boot"))
+        assert boot > 0, "counted from its first write (found at exec)"
+        assert not samples(m, "qtrace_counting_gaps_total", vm="ctr-vm")
+        assert samples(m, "qtrace_untrusted_binaries_total")[0][1] == 0
+        binaries = [lab["binary"] for lab, _ in samples(m, "qtrace_probes_attached")]
+        assert len(binaries) == len(set(binaries)), "two files, two series"
+    finally:
+        if ctr is not None:
+            ctr.kill()
+            ctr.wait()
+        assert daemon.stop() == 0
+        os.rmdir(root)
