@@ -82,8 +82,12 @@ class SelfCollector:
         per_event = GaugeMetricFamily("qtrace_probe_attached",
                                       "1 if the catalog event's probe is attached in this binary",
                                       labels=["binary", "build_id", "event"])
+        seen: set[tuple[str, str]] = set()
         for plan in list(d.binaries.plans.values()):
             labels = [bounded(plan.display), (plan.resolution.build_id or "")[:LABEL_MAX]]
+            if tuple(labels) in seen:  # one path, two files (a container's copy)
+                labels[0] = bounded(f"{plan.display} ({plan.key[0]}:{plan.key[1]})")
+            seen.add((labels[0], labels[1]))
             attached.add_metric(labels, len(plan.attached) - len(plan.missing))
             missing.add_metric(labels, len(plan.missing))
             for a in plan.attached:
@@ -97,9 +101,10 @@ class SelfCollector:
                                   value=d.binaries.untrusted_total)
         yield GaugeMetricFamily("qtrace_binary_errors", "QEMU binaries that could not be resolved "
                                 "(non-ELF, truncated, unreadable)", value=len(d.binaries.errors))
-        hook = GaugeMetricFamily("qtrace_kernel_hook_info", "The kernel hook on KVM ioctls in use",
-                                 labels=["mode"])
-        hook.add_metric([d.prog.hook_mode], 1)
+        hook = GaugeMetricFamily("qtrace_kernel_hook_info", "The kernel hook on KVM ioctls in "
+                                 "use, and how uprobes attach (multi: uprobe_multi links; "
+                                 "perf: a perf event each)", labels=["mode", "uprobes"])
+        hook.add_metric([d.prog.hook_mode, d.prog.uprobes], 1)
         yield hook
         lost = CounterMetricFamily("qtrace_events_lost", "Ring-buffer events dropped, by kind "
                                    "(counters are unaffected)", labels=["kind"])

@@ -13,11 +13,41 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.qmp_client import NegotiationError
 
 from .errors import QtraceError
 
 QEMU = "qemu-system-x86_64"
+
+
+class _Negotiating(QMPClient):
+    """qemu.qmp's client, but capabilities negotiation reads past events.
+
+    With out-of-band enabled, QEMU's monitor thread may send an event (a RESET of a
+    guest rebooting, ...) between switching the monitor to command mode and sending the
+    answer to qmp_capabilities; qemu.qmp asserts that the first message is the answer and
+    fails the connection (once seen in a test run).  Events read here are kept in `early`
+    and anything else QEMU answered is named in the error."""
+
+    early: list[dict]
+
+    async def _negotiate(self) -> None:
+        self.early = []
+        args: dict = {}
+        if self._greeting and "oob" in self._greeting.QMP.capabilities:
+            args["enable"] = ["oob"]
+        await self._send(self.make_execute_msg("qmp_capabilities", arguments=args))
+        while True:
+            reply = dict(await self._recv())
+            if "event" in reply:
+                self.early.append(reply)
+                continue
+            if "return" not in reply or "error" in reply:
+                raise NegotiationError(f"QEMU answered qmp_capabilities with {reply!r}",
+                                       ValueError(reply))
+            return
 
 
 class DemoQemu:
@@ -74,7 +104,9 @@ class DemoQemu:
             time.sleep(0.02)
         _ = self.pid  # known from now on: close() kills QEMU itself, not only a wrapper
         self.qmp = QEMUMonitorProtocol(self.qmp_path)
+        self.qmp._qmp.__class__ = _Negotiating  # noqa: SLF001 - only _negotiate differs
         self.qmp.connect(negotiate=True)
+        self.events.extend(self.qmp._qmp.early)  # noqa: SLF001
 
     @property
     def pid(self) -> int:

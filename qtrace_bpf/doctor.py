@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from . import hooks, preflight
+from . import hooks, loading, preflight
 from .errors import QtraceError
 
 
@@ -56,7 +56,7 @@ def run_doctor() -> dict:
             add("program", False, str(exc))
     ready = chosen is not None and checks["uprobes"]["ok"]
     return {"checks": checks, "kernel_hooks": hook_report, "kernel_hook": chosen,
-            "kernel": os.uname().release, "ready": ready}
+            "uprobes": loading.uprobe_mode(), "kernel": os.uname().release, "ready": ready}
 
 
 def render_doctor(report: dict) -> str:
@@ -68,4 +68,7 @@ def render_doctor(report: dict) -> str:
         mark = "use" if mode == report["kernel_hook"] else ("ok " if h["usable"] else "NO ")
         lines.append(f"  {mark} {mode:<11} {h['reason']}")
     lines.append(f"will use: {report['kernel_hook'] or 'nothing: qprobe cannot trace here'}")
+    how = {"multi": "uprobe_multi links (kernel >= 6.6)",
+           "perf": "one perf event per uprobe (kernel < 6.6)"}
+    lines.append(f"uprobes attach as: {how.get(report['uprobes'], report['uprobes'])}")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ class PinnedProgram(RunningProgram):
         self.log = log or (lambda _msg, **_kw: None)
         self.manifest = manifest
         self.hook_mode = manifest.hook
+        self.uprobes = manifest.uprobes  # "multi" or "perf": how uprobes attach
         self.refusals = dict(manifest.refusals)  # known only when the loader just ran
         self.bcc_version = manifest.bcc
         self._fds: dict[str, int] = {}
