@@ -358,17 +358,24 @@ static __always_inline u32 syscall_fd(void) {
 #endif
 
 #if defined(QTRACE_HOOK_FENTRY)
-KFUNC_PROBE(kvm_vcpu_ioctl, void *filp, unsigned int ioctl, unsigned long arg) {
-    return ioctl_enter(syscall_fd(), ioctl, arg);
+// Plain BPF_PROG functions, not KFUNC_PROBE: BCC would look kvm_* up in vmlinux's BTF only,
+// and KVM is a module.  qtrace_bpf/fentry.py loads them against the module's BTF.
+// Tracing programs must return 0 (the 6.12 verifier checks it).
+BPF_PROG(fe_kvm_vcpu_ioctl, void *filp, unsigned int ioctl, unsigned long arg) {
+    ioctl_enter(syscall_fd(), ioctl, arg);
+    return 0;
 }
-KRETFUNC_PROBE(kvm_vcpu_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret) {
-    return ioctl_exit(ret);
+BPF_PROG(fx_kvm_vcpu_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret) {
+    ioctl_exit(ret);
+    return 0;
 }
-KFUNC_PROBE(kvm_vm_ioctl, void *filp, unsigned int ioctl, unsigned long arg) {
-    return ioctl_enter(syscall_fd(), ioctl, arg);
+BPF_PROG(fe_kvm_vm_ioctl, void *filp, unsigned int ioctl, unsigned long arg) {
+    ioctl_enter(syscall_fd(), ioctl, arg);
+    return 0;
 }
-KRETFUNC_PROBE(kvm_vm_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret) {
-    return ioctl_exit(ret);
+BPF_PROG(fx_kvm_vm_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret) {
+    ioctl_exit(ret);
+    return 0;
 }
 #endif
 

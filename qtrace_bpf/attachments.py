@@ -47,9 +47,11 @@ class Attachments:
             finally:
                 os.close(perf)
 
-        return self._link(fn_name, pin_name, make)
+        return self.link_with(fn_name, pin_name, make)
 
-    def _link(self, fn_name: str, pin_name: str, make: Callable[[int], int]) -> bool:
+    def link_with(self, fn_name: str, pin_name: str, make: Callable[[int], int]) -> bool:
+        """make(program fd) -> link fd: a link of any kind (perf event, uprobe_multi,
+        fentry), adopted from its pin or made, held, and pinned like the others."""
         fd = self.prog_fd(fn_name)
         kept = self.pins.adopt(pin_name, fd) if self.pins else None
         if kept is not None:
@@ -141,7 +143,7 @@ class Attachments:
                     raise AttachError(f"uprobes {plan.path}+{','.join(map(hex, offsets))}: "
                                       f"{exc.strerror}", reason) from None
 
-            if self._link(f"qt_{kind}_{slot}", pin_name, make):
+            if self.link_with(f"qt_{kind}_{slot}", pin_name, make):
                 made.append(pin_name)
         return made
 

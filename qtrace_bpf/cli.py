@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -220,6 +221,38 @@ def daemon(listen: str | None, config_path: str | None, web_config_file: str | N
     from .daemon import run_daemon
 
     sys.exit(run_daemon(load_config(config_path, **overrides)))
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config file (the daemon's): pin root, hook, map sizes.")
+@click.option("--owner", default=None, metavar="USER",
+              help="Hand the pins to USER afterwards (the daemon's user).")
+def load(config_path: str | None, owner: str | None) -> None:
+    """Load and pin the daemon's BPF program, then exit.
+
+    \b
+    The packaged unit runs this as root before the daemon starts, so that
+    the long-running daemon needs fewer privileges: fentry on a KVM module
+    and perf events under kernel.perf_event_paranoid=3 need CAP_SYS_ADMIN,
+    once, to load.  Pins that match this build are reused (nothing compiled).
+
+    \b
+    Example:
+      qprobe load --config /etc/qtrace/qtrace.toml --owner qtrace
+    """
+    from .config import load_config
+    from .loader import prepare
+    from .logfmt import Formatter, logger_fn
+
+    cfg = load_config(config_path)
+    handler = logging.StreamHandler()
+    handler.setFormatter(Formatter())
+    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
+    if not cfg.bpf_pin_root:
+        raise QtraceError("bpf_pin_root is empty: nothing to pin to")
+    prepare(cfg.bpf_pin_root, cfg.kernel_hook, cfg.max_vms, cfg.max_vcpus_per_vm, owner,
+            logger_fn(logging.getLogger("qtrace")))
 
 
 @main.command()

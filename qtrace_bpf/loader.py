@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import abi, bpfsys, hooks, loading
+from . import abi, bpfsys, hooks, loading, pins
 from .catalog import Catalog, bpf_source, load_catalog
 from .errors import QtraceError
 from .pins import PinDir, remove_pins
@@ -86,8 +86,7 @@ def hooked(hook: str, links: list[str]) -> bool:
         return {"tp-sys_enter_ioctl", "tp-sys_exit_ioctl"} <= have
     if hook == "kprobe":
         return {f"{k}-{fn}" for fn in hooks.KVM_FUNCS for k in ("k", "kr")} <= have
-    # fentry: BCC names the entry and exit programs (program.py pins them as f-<name>)
-    return sum(1 for n in have if n.startswith("f-")) >= 2 * len(hooks.KVM_FUNCS)
+    return {f"f-{k}_{fn}" for fn in hooks.KVM_FUNCS for k in ("fe", "fx")} <= have
 
 
 def find(pin_dir: str, catalog: Catalog, want: str, hook: str | None) -> Manifest | None:
@@ -119,6 +118,10 @@ def load(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
     prog = QtraceProgram(catalog, hook=hook, log=log, discovery=True, max_vms=max_vms,
                          max_vcpus=max_vcpus, pins=pins)
     try:
+        for name in os.listdir(pins.links):  # another hook's links: one hook at a time
+            if not name.startswith("u-") and name not in prog.hook_links:
+                pins.unpin(name)
+                pins.replaced.append(name)
         os.makedirs(loading_dir)
         for name in handlers(catalog):
             bpfsys.pin(prog.prog_fd(name), os.path.join(loading_dir, name))
@@ -153,6 +156,30 @@ def ensure(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
     if done.returncode != 0 or "error" in answer:
         raise QtraceError(answer.get("error") or f"the BPF loader failed ({done.returncode})")
     return Manifest(**answer), True
+
+
+def prepare(pin_root: str, hook: str | None, max_vms: int, max_vcpus: int, owner: str | None,
+            log: Log) -> Manifest:
+    """The unit's privileged step before the daemon starts (ExecStartPre=+): load and pin
+    the program of this config, then hand every pin to the daemon's user.  Loading needs
+    what the daemon does not keep: KVM's BTF object for fentry (CAP_SYS_ADMIN), and perf
+    events where kernel.perf_event_paranoid is 3 (Debian's default)."""
+    import pwd
+
+    layout = pins.layout_name(load_catalog(), max_vms, max_vcpus)
+    made, compiled = ensure(os.path.join(pin_root, layout), hook, max_vms, max_vcpus, log)
+    if owner:
+        try:
+            user = pwd.getpwnam(owner)
+        except KeyError:
+            raise QtraceError(f"no such user {owner!r}") from None
+        for dirpath, dirs, files in os.walk(pin_root):
+            for name in [*dirs, *files]:
+                os.chown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
+        os.chown(pin_root, user.pw_uid, user.pw_gid)
+    log("BPF program pinned", dir=os.path.join(pin_root, layout), hook=made.hook,
+        uprobes=made.uprobes, program="compiled" if compiled else "reused", owner=owner)
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,11 @@ class PinDir:
             os.unlink(os.path.join(self.links, name))
         return gone
 
+    def clear_maps(self) -> None:
+        """Unpin the maps a failed load pinned (never counts a previous daemon left)."""
+        remove_pins(self.maps)
+        os.makedirs(self.maps, exist_ok=True)
+
     def remove(self) -> None:
         """Everything, and the root too when this layout was all it held."""
         remove_pins(self.path)

@@ -11,9 +11,10 @@ doctor and the loader; the daemon opens what the loader pinned (pinned.py) inste
 from __future__ import annotations
 
 import ctypes as ct
+import os
 from collections.abc import Callable
 
-from . import abi, bpfsys, hooks, loading, maps, preflight
+from . import abi, bpfsys, fentry, hooks, loading, maps, preflight
 from .attachments import Attachments
 from .catalog import Catalog, bpf_source
 from .errors import QtraceError
@@ -53,6 +54,7 @@ class QtraceProgram(RunningProgram):
         self.hook_mode = ""
         self.hook_links: list[str] = []  # pin names of the kernel hook's and discovery's links
         self.bpf = None
+        self._fentry_fds: dict[str, int] = {}  # fentry programs loaded here, not by BCC
         self.maps: VmMaps | None = None
         self.uprobes = loading.uprobe_mode()  # how uprobe handlers are loaded and attached
         self.links = Attachments(self.prog_fd, pins, self.log, self.uprobes == "multi")
@@ -74,6 +76,7 @@ class QtraceProgram(RunningProgram):
 
     def _open(self, preference: str | None) -> None:
         text = bpf_source()
+        fresh = self.pins is not None and not self.pins.carried
         for mode in hooks.order(preference):
             check = hooks.precheck(mode)
             if not check.usable:
@@ -95,6 +98,8 @@ class QtraceProgram(RunningProgram):
                 self.log("BPF load interrupted, retrying", level="warning", hook=mode,
                          attempt=attempt, error=failure)
             if failure:
+                if fresh:  # this attempt's maps: the next one makes its own
+                    self.pins.clear_maps()
                 self._failures.append(failure + captured.text)
                 self.refusals[mode] = loading.refusal(mode, failure, captured.text)
                 continue
@@ -118,8 +123,13 @@ class QtraceProgram(RunningProgram):
         BPF = self.bcc.BPF
         if mode == "fentry":
             # Cheap question first: a refused fentry would otherwise cost a full compile.
-            BPF(text=bpf_source("fentry_check.bpf.c").encode()).cleanup()
-        b = BPF(text=text.encode(), cflags=self.cflags(mode))  # fentry: auto-attached here
+            check = BPF(text=bpf_source("fentry_check.bpf.c").encode())
+            try:
+                os.close(fentry.load(check.dump_func(b"fe_check"), "qt_fe_check", False,
+                                     hooks.KVM_FUNCS[0]))
+            finally:
+                check.cleanup()
+        b = BPF(text=text.encode(), cflags=self.cflags(mode))
         self.bpf = b
         try:
             tracepoints = [("sched", "sched_process_exec", "tp_sched_exec"),
@@ -136,28 +146,37 @@ class QtraceProgram(RunningProgram):
                     self.links.kprobe("kp_kvm_ioctl", fn, False)
                     self.links.kprobe("kretp_kvm_ioctl", fn, True)
                     self.hook_links += [f"k-{fn}", f"kr-{fn}"]
-            if mode == "fentry" and self.pins:
-                self._pin_fentry(b)
+            if mode == "fentry":
+                self._fentry(b)
         except BaseException:
             self.links.close()
+            self._close_fentry()
             b.cleanup()
             self.bpf = None
             raise
         self.maps = VmMaps(self._map)
         self.state = "built"
 
-    def _pin_fentry(self, b) -> None:
-        """BCC attached the fentry/fexit programs with links (BPF_RAW_TRACEPOINT_OPEN);
-        pinned, they outlive this process like the others."""
-        for fds in (b.kfunc_entry_fds, b.kfunc_exit_fds):
-            for name, fd in fds.items():
-                pin_name = f"f-{name.decode()}"
-                self.pins.unpin(pin_name)
-                self.pins.pin(fd, pin_name)
-                self.hook_links.append(pin_name)
+    def _fentry(self, b) -> None:
+        """Load the fentry/fexit programs against KVM's BTF (fentry.py) and link them;
+        pinned as f-<program> when pins are on, so they outlive this process."""
+        for fn in hooks.KVM_FUNCS:
+            for exit_, kind in ((False, "fe"), (True, "fx")):
+                name = f"{kind}_{fn}"
+                short = f"qt_{kind}_{fn.split('_')[1]}"  # qt_fe_vcpu: the kernel's name
+                self._fentry_fds[name] = fentry.load(b.dump_func(name.encode()), short,
+                                                     exit_, fn)
+                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))
+                self.hook_links.append(f"f-{name}")
+
+    def _close_fentry(self) -> None:
+        while self._fentry_fds:
+            os.close(self._fentry_fds.popitem()[1])
 
     def prog_fd(self, name: str) -> int:
         """The fd of a handler of the compiled program (loaded on first use)."""
+        if name in self._fentry_fds:
+            return self._fentry_fds[name]
         kind = self.bcc.BPF.TRACEPOINT if name.startswith("tp_") else self.bcc.BPF.KPROBE
         multi = self.uprobes == "multi" and name.startswith("qt_")
         return self.bpf.load_func(name.encode(), kind, None,
@@ -183,6 +202,7 @@ class QtraceProgram(RunningProgram):
         links stay (a restart continues from them); otherwise they are removed too."""
         self._stop_events()
         self.links.close()
+        self._close_fentry()
         if self.bpf is not None:
             self.bpf.cleanup()  # BCC detaches what it attached, then closes the fds
         self.bpf = None

@@ -108,7 +108,7 @@ sum=$(cat "$deb" "$0" | sha256sum | cut -c1-16)  # the package and how the image
 image="$cache/$release-v$version/qtrace-$sum.img"
 if [ ! -e "$image" ]; then
   say "making the $release image with $(basename "$deb")"
-  rm -f "$cache/$release-v$version"/qtrace-*.img  # older builds of the package
+  rm -f "$cache/$release-v$version"/qtrace-*.img "$cache/$release-v$version"/qtrace-*.img.tmp  # older builds
   stage="$cache/$release-v$version/stage"
   rm -rf "$stage" && cp -a "$root" "$stage"
   cp "$deb" "$stage/tmp/qtrace.deb"

@@ -7,6 +7,7 @@ record is judged against strace and QMP."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,10 @@ from conftest import ROOT, check_kvm
 from prometheus_client.parser import text_string_to_metric_families
 from strace_count import count_state_writes
 
-pytestmark = [pytest.mark.bpf, pytest.mark.kvm, pytest.mark.debian_vm]
+# the guest fixture boots a release and runs the whole scenario (~12 min under TCG; the
+# first time the release's root is built too): its setup counts against the first test
+pytestmark = [pytest.mark.bpf, pytest.mark.kvm, pytest.mark.debian_vm,
+              pytest.mark.timeout(3300)]
 RELEASES = {"bookworm": {"kernel": "6.1.", "uprobes": "perf"},
             "trixie": {"kernel": "6.12.", "uprobes": "multi"}}
 
@@ -38,8 +42,13 @@ def samples(m: dict, name: str, **labels: str) -> list[tuple[dict, float]]:
 
 @pytest.fixture(scope="module", params=list(RELEASES))
 def guest(request, tmp_path_factory):
-    check_kvm()
     release = request.param
+    recorded = os.environ.get("QTRACE_GUEST_RECORD")  # judge a recorded run again (dev)
+    if recorded and (Path(recorded) / f"guest-{release}0" / "out" / "result.json").exists():
+        out = Path(recorded) / f"guest-{release}0" / "out"
+        yield release, json.loads((out / "result.json").read_text()), out
+        return
+    check_kvm()
     share = tmp_path_factory.mktemp(f"guest-{release}")
     shutil.copy(ROOT / "tests" / "guest" / "scenario.py", share)
     r = subprocess.run(["bash", str(ROOT / "scripts" / "debian-vm.sh"), "--release", release,
@@ -77,7 +86,9 @@ def test_auto_takes_fentry_and_uprobes_attach_as_the_kernel_allows(guest):
     m = metrics(res["steps"]["auto"]["metrics"])
     info = samples(m, "qtrace_kernel_hook_info")
     assert [lab for lab, _ in info] == [{"mode": "fentry", "uprobes": want["uprobes"]}]
-    assert "User=qtrace" in res["unit"] and "cap_sys_admin" not in res["unit"].lower()
+    # CAP_SYS_ADMIN only where uprobes need perf events (qtrace-generator's drop-in)
+    assert "User=qtrace" in res["unit"]
+    assert ("cap_sys_admin" in res["unit"].lower()) == (want["uprobes"] == "perf"), res["unit"]
 
 
 @pytest.mark.parametrize("mode", ["auto", "kprobe", "tracepoint"])
@@ -98,7 +109,9 @@ def test_the_service_counts_a_nested_vm_exactly(guest, mode):
                                                   vcpu="1") if v}
     assert "hotplug" in phases, phases
     trace = (out / Path(step["strace"]).name).read_text()
-    khz = {int(v) for v in re.findall(r"kvm-vcpu:0>, KVM_SET_TSC_KHZ, (\d+)\) = 0", trace)}
+    # strace prints the argument (a value, not a pointer) in hex
+    khz = {int(v, 0) for v in
+           re.findall(r"kvm-vcpu:0>, KVM_SET_TSC_KHZ, (0x[0-9a-f]+|\d+)\) = 0", trace)}
     gauge = samples(m, "qtrace_vcpu_tsc_khz", vm=vm, vcpu="0")
     assert khz and gauge and int(gauge[0][1]) == max(khz)
 
@@ -109,6 +122,7 @@ def test_a_restart_adopts_the_pins_and_keeps_the_counts(guest, mode):
     step = res["steps"][f"restart-{mode}"]
     journal = step["between"]["journal"]
     assert "program=reused" in journal and "counters=continued" in journal, journal[-2000:]
+    assert "program=compiled" not in journal, "a restart with matching pins compiles nothing"
     vm = f"restart-{mode}"
     before = resets(metrics(step["between"]["before"]), vm)
     after = resets(metrics(step["between"]["after"]), vm)

@@ -4,15 +4,26 @@ compiles and pins; the daemon counts from the pins, under any fd limit, quietly.
 from __future__ import annotations
 
 import os
+import pwd
 import resource
 import signal
 import socket
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, check_kvm, daemon_toml, free_port, http_get, samples
+from conftest import (
+    PIN_TEST_ROOT,
+    QPROBE,
+    DaemonProcess,
+    check_kvm,
+    daemon_toml,
+    free_port,
+    http_get,
+    samples,
+)
 
 from qtrace_bpf.demo_qemu import DemoQemu
 
@@ -256,3 +267,35 @@ def test_the_daemon_stays_inside_the_units_limits(tmp_path):
             p.kill()
             p.wait()
         limits.remove()
+
+
+def test_the_units_load_step_pins_for_the_daemon_which_then_compiles_nothing(tmp_path):
+    """`qprobe load` (the unit's privileged ExecStartPre) compiles, pins and hands every pin
+    to the daemon's user; run again it reuses them; the daemon then starts from them."""
+    check_kvm()
+    port = free_port()
+    path = tmp_path / "qtrace.toml"
+    path.write_text(daemon_toml(port, rescan_interval=1, keep_on_exit=False))
+    root = f"{PIN_TEST_ROOT}/qtrace-test-{port}"
+    load = [*QPROBE, "load", "--config", str(path), "--owner", "nobody"]
+    first = subprocess.run(load, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "program=compiled" in first.stderr, first.stderr
+    owners = {os.stat(os.path.join(d, n)).st_uid for d, ds, fs in os.walk(root)
+              for n in ds + fs}
+    assert owners == {pwd.getpwnam("nobody").pw_uid}, owners
+    again = subprocess.run(load, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "program=reused" in again.stderr, again.stderr
+    bad = subprocess.run([*QPROBE, "load", "--config", str(path), "--owner", "no-such-user"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "no such user 'no-such-user'" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    daemon = DaemonProcess(path, port)
+    try:
+        log = "".join(daemon.log)
+        assert "running the BPF loader" not in log and "program=reused" in log, log
+        with DemoQemu("loaded") as vm:
+            want = run_and_reset(vm)
+            daemon.wait_for(lambda m: resets(m, "loaded") == want)
+    finally:
+        assert daemon.stop() == 0, "".join(daemon.log)
+    assert not os.path.exists(root) or not os.listdir(root)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -62,23 +63,35 @@ class Qmp:
             time.sleep(0.1)
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(path)
-        self.file = self.sock.makefile("rwb")
+        self.buf = b""
         self.events: list[dict] = []
         self._read()  # greeting
         self.cmd("qmp_capabilities")
 
-    def _read(self) -> dict:
-        line = self.file.readline()
-        if not line:
-            raise EOFError("QMP closed")
+    def _read(self, timeout: float | None = None) -> dict | None:
+        """One message; None when none came within timeout (a buffered socket read that
+        times out is broken for good: select() on the raw socket instead)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if not select.select([self.sock], [], [], left)[0]:
+                return None
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
     def cmd(self, name: str, **args: object) -> object:
         msg = {"execute": name, **({"arguments": args} if args else {})}
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
         while True:
-            reply = self._read()
+            reply = self._read(300)
+            if reply is None:
+                raise RuntimeError(f"QMP {name}: no answer in 300 s")
             if "event" in reply:
                 self.events.append(reply)
                 continue
@@ -87,21 +100,23 @@ class Qmp:
             return reply.get("return")
 
     def drain(self, seconds: float) -> None:
-        self.sock.settimeout(seconds)
+        deadline = time.monotonic() + seconds
         try:
-            while True:
-                msg = self._read()
+            while (left := deadline - time.monotonic()) > 0:
+                msg = self._read(left)
+                if msg is None:
+                    break
                 if "event" in msg:
                     self.events.append(msg)
-        except (TimeoutError, EOFError, OSError):
+        except (EOFError, OSError):
             pass
-        self.sock.settimeout(None)
 
 
 def nested_vm(out: str, step: str, *, hotplug: bool = True, resets: int = 1,
-              between=None) -> dict:
+              between=None, before_quit=None) -> dict:
     """One nested VM under strace: boot (paused, then running), a QMP vCPU hot-add, QMP
-    resets; `between` runs after the first reset (e.g. a daemon restart)."""
+    resets; `between` runs after the first reset (e.g. a daemon restart), `before_quit`
+    once the resets are done."""
     qmp_path = f"/run/qtvm-{step}.qmp"
     trace = os.path.join(out, f"{step}.strace")
     argv = ["strace", "-f", "-y", "-ttt", "-e", "trace=ioctl", "-o", trace,
@@ -127,6 +142,8 @@ def nested_vm(out: str, step: str, *, hotplug: bool = True, resets: int = 1,
         qmp.drain(2)
         if i == 0 and between is not None:
             done_between = between()
+    if before_quit is not None:
+        before_quit()
     qmp.cmd("stop")
     qmp.drain(1)
     resets_seen = [e["data"]["reason"] for e in qmp.events if e["event"] == "RESET"]
@@ -193,9 +210,13 @@ def main() -> int:
         os.kill(int(pid), 9)
         return {"killed": int(pid)}
 
-    step = nested_vm(out, "killed", hotplug=False, resets=3, between=killed)
-    time.sleep(8)  # RestartSec=5s
-    wait_ready()
+    def restarted() -> None:  # by the unit, while the VM still runs (RestartSec=5s)
+        time.sleep(8)
+        wait_ready()
+
+    step = nested_vm(out, "killed", hotplug=False, resets=3, between=killed,
+                     before_quit=restarted)
+    time.sleep(1)
     step["metrics"] = get("/metrics")[1]
     step["journal"] = journal_since(cursor)
     res["steps"]["killed"] = step
