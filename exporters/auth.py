@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from .webconfig import BasicAuth
+from .basic_auth import BasicAuth
 
 
 class Throttle:
@@ -70,3 +70,27 @@ class AuthGate:
         if not ok:
             self.throttle.failed(addr, loop.time())
         return ok
+
+
+class TokenBucket:
+    """rate_limit from the web config (exporter-toolkit's golang.org/x/time/rate limiter):
+    one request every `interval` seconds on average, up to `burst` at once; over it, 429.
+    On the event loop only: no lock."""
+
+    def __init__(self, interval: float, burst: int):
+        self.interval, self.burst = interval, burst
+        self.tokens = float(burst)
+        self.stamp = 0.0
+        self.refused = 0
+
+    def allow(self, now: float) -> bool:
+        if not self.interval:
+            return True
+        if self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) / self.interval)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.refused += 1
+        return False

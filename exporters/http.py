@@ -25,8 +25,11 @@ from dataclasses import dataclass
 
 from qtrace_bpf.logfmt import RateLimited
 
-from .auth import AuthGate, Throttle
-from .webconfig import BasicAuth, TlsContext, WebConfig
+from .auth import AuthGate, Throttle, TokenBucket
+from .basic_auth import BasicAuth
+from .routes import App, Response, make_app  # noqa: F401  (make_app: for callers)
+from .tls import TlsContext, san_allowed
+from .webconfig import WebConfig
 
 MAX_HEADER = 16 * 1024
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -45,16 +48,6 @@ class Limits:
     auth_window: float = 60.0
 
 
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-# App: (method, path, headers) -> Response; runs in a worker thread.
-App = Callable[[str, str, dict[str, str]], Response]
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 429: "Too Many Requests",
             431: "Request Header Fields Too Large",
@@ -82,6 +75,8 @@ class Server:
         self._writers: set[asyncio.StreamWriter] = set()
         self._closing = False
         self.refused = 0  # connections closed at once: max_connections open, none idle
+        self.refused_sans = 0  # TLS clients whose certificate has none of client_allowed_sans
+        self.rate = TokenBucket(self.web.rate_interval, self.web.rate_burst)
         self.evicted = 0  # idle connections closed to make room for a new one
         self.timeouts = 0  # handshakes / requests that did not arrive in time
         # out of fds/memory (EMFILE at accept, ...): counted by errno name and logged at
@@ -181,6 +176,10 @@ class Server:
                 self._idle[writer] = self._loop.time()
                 await writer.start_tls(self.tls.get(),
                                        ssl_handshake_timeout=self.limits.read_timeout)
+                if not san_allowed(writer.get_extra_info("peercert"),
+                                   self.web.client_allowed_sans):
+                    self.refused_sans += 1
+                    return  # as exporter-toolkit: the connection ends, no answer
             timeout = self.limits.read_timeout
             while True:
                 self._idle[writer] = self._loop.time()
@@ -231,6 +230,9 @@ class Server:
             await self._send(writer, Response(405, b"GET only\n", headers=(("Allow", "GET"),)),
                              False)
             return False
+        if not self.rate.allow(self._loop.time()):
+            await self._send(writer, Response(429, b"Too Many Requests\n"), keep, method)
+            return keep
         if self.auth.enabled:
             peer = writer.get_extra_info("peername")
             ok = await self.auth.check(self._loop, headers.get("authorization"),
@@ -274,37 +276,3 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-LANDING = b"""<!DOCTYPE html>
-<html><head><title>qtrace</title></head><body>
-<h1>qtrace</h1>
-<p>When, on which vCPU and in which lifecycle phase QEMU writes vCPU state into KVM.</p>
-<ul><li><a href="metrics">/metrics</a></li><li><a href="-/healthy">/-/healthy</a> (alive)</li>
-<li><a href="-/ready">/-/ready</a> (tracing)</li></ul>
-</body></html>
-"""
-
-
-def make_app(metrics: Callable[[str, bool], bytes],
-             health: Callable[[], tuple[bool, str]],
-             ready: Callable[[], tuple[bool, str]] | None = None) -> App:
-    """The routes: / (landing page), /metrics, /-/healthy (liveness) and /-/ready
-    (readiness), each 200 or 503 and why; Prometheus' own split."""
-    checks = {"/-/healthy": health, "/-/ready": ready or health}
-    from .exposition import choose_format
-
-    def app(method: str, path: str, headers: dict[str, str]) -> Response:
-        if path == "/metrics":
-            fmt = choose_format(headers.get("accept"))
-            gz = "gzip" in headers.get("accept-encoding", "")
-            extra = (("Content-Encoding", "gzip"),) if gz else ()
-            return Response(200, metrics(fmt, gz), fmt, (*extra, ("Vary", "Accept-Encoding")))
-        if path in checks:
-            ok, why = checks[path]()
-            return Response(200 if ok else 503, why.encode() + b"\n")
-        if path == "/":
-            return Response(200, LANDING, "text/html; charset=utf-8")
-        return Response(404, b"not found: try /metrics\n")
-
-    return app

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qtrace_bpf import __version__, abi, decoders, revision
+from qtrace_bpf import __version__, abi, build_info, decoders, revision
 
 from .observed import Observed
 
@@ -40,9 +40,10 @@ class SelfCollector:
         stage.add_metric([d.stage], 1)
         yield stage
         build = GaugeMetricFamily("qtrace_build_info", "qtrace's version and what it runs on",
-                                  labels=["version", "revision", "python", "bcc", "kernel",
-                                          "abi"])
-        build.add_metric([__version__, revision(), platform.python_version(),
+                                  labels=["version", "revision", "branch", "python", "bcc",
+                                          "kernel", "abi"])
+        build.add_metric([__version__, revision(), build_info()["branch"],
+                          platform.python_version(),
                           getattr(d.prog, "bcc_version", "") if d.prog else "",
                           os.uname().release, str(abi.QTRACE_ABI_VERSION)], 1)
         yield build

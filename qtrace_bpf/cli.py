@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__, hooks
+from . import hooks, version_text
 from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
 
@@ -24,11 +24,18 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except QtraceError as exc:
             click.echo(f"qprobe: error: {exc}", err=True)
+            if os.environ.get("NOTIFY_SOCKET"):  # under systemd: `systemctl status` says why
+                from .service import Notifier
+
+                Notifier(lambda *_a, **_k: None).send(f"STATUS=qprobe: error: {exc}"[:2000])
             sys.exit(exc.exit_code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="qprobe")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _p, v: v and not ctx.resilient_parsing and
+              (click.echo(version_text()), ctx.exit()),
+              help="Show the version, revision, branch, build date and runtime, and exit.")
 def main() -> None:
     """Trace when and why QEMU writes vCPU state into KVM.
 
@@ -167,63 +174,6 @@ def doctor(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--listen", default=None, metavar="HOST:PORT",
-              help="Serve /metrics here: 127.0.0.1:10471, [::1]:10471, or :10471 for every "
-                   "IPv4 and IPv6 address (default 0.0.0.0:10471, or the config's `listen`).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML config file (see systemd/qtrace.toml for every key).")
-@click.option("--web.config.file", "web_config_file", type=click.Path(dir_okay=False),
-              default=None, help="Prometheus exporter-toolkit web config (YAML: "
-                                 "tls_server_config, basic_auth_users), as node_exporter takes.")
-@click.option("--hook", type=HOOK_CHOICE, default=None,
-              help="Kernel hook on KVM ioctls (default: the config's, else auto).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default=None, help="Log verbosity (logs go to stderr: the journal).")
-@click.option("--check-config", is_flag=True,
-              help="Check the config and web config (types, ranges, certificates, bcrypt "
-                   "hashes), print what was found, exit 0 or 1; attaches nothing.")
-def daemon(listen: str | None, config_path: str | None, web_config_file: str | None,
-           hook: str | None, log_level: str | None, check_config: bool) -> None:
-    """Trace every QEMU on this host and serve Prometheus metrics.
-
-    \b
-    Attaches to the host's QEMU binaries at start, tracks each QEMU process
-    from its exec (its boot is counted from the first state write), forgets
-    VMs a grace period after they quit, and serves /metrics:
-      qtrace_kvm_state_writes_total{vm,vcpu,ioctl,phase}
-      qtrace_lifecycle_events_total{vm,event}
-      qtrace_vm_resets_total{vm,cause}
-      qtrace_kvm_ioctl_errors_total{vm,ioctl}
-      qtrace_vm_info{vm,pid,uuid,qemu_version,build_id}
-    plus self-metrics (probes attached/missing, kernel hook, events lost, ...),
-    a landing page at / and /-/healthy.
-
-    \b
-    Examples:
-      qprobe daemon --config /etc/qtrace/qtrace.toml
-      qprobe daemon --listen :10471 --web.config.file /etc/qtrace/web.yml
-      qprobe daemon --config /etc/qtrace/qtrace.toml --check-config
-    """
-    from .config import load_config
-
-    overrides = dict(listen=listen, kernel_hook=hook, log_level=log_level,
-                     web_config_file=web_config_file)
-    if check_config:
-        try:
-            cfg = load_config(config_path, **overrides)
-        except QtraceError as exc:
-            click.echo(f"qprobe: config error: {exc}", err=True)
-            sys.exit(1)
-        auth = f", basic auth for {len(cfg.web.users)} user(s)" if cfg.web.users else ""
-        click.echo(f"config OK: listen {cfg.listen} ({'https' if cfg.web.tls else 'http'}{auth}), "
-                   f"max_vms {cfg.max_vms}, kernel hook {cfg.kernel_hook}")
-        sys.exit(0)
-    from .daemon import run_daemon
-
-    sys.exit(run_daemon(load_config(config_path, **overrides)))
-
-
-@main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file (the daemon's): pin root, hook, map sizes.")
 @click.option("--owner", default=None, metavar="USER",
@@ -247,10 +197,16 @@ def load(config_path: str | None, owner: str | None) -> None:
 
     cfg = load_config(config_path)
     handler = logging.StreamHandler()
-    handler.setFormatter(Formatter())
+    handler.setFormatter(Formatter(as_json=cfg.log_format == "json"))
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
-    if not cfg.bpf_pin_root:
-        raise QtraceError("bpf_pin_root is empty: nothing to pin to")
+    from .pins import is_bpffs
+
+    if not cfg.bpf_pin_root or not is_bpffs(cfg.bpf_pin_root):
+        # not an error: the daemon then loads the program in its own process
+        why = "empty" if not cfg.bpf_pin_root else "not on a bpf filesystem"
+        click.echo(f"qprobe load: nothing to do: pinning is off (bpf_pin_root = "
+                   f"{cfg.bpf_pin_root!r} is {why})", err=True)
+        return
     prepare(cfg.bpf_pin_root, cfg.kernel_hook, cfg.max_vms, cfg.max_vcpus_per_vm, owner,
             logger_fn(logging.getLogger("qtrace")))
 
@@ -311,6 +267,10 @@ def demo(duration: float | None, as_json: bool) -> None:
                           ) from None
     sys.exit(run_demo(duration=duration, as_json=as_json))
 
+
+from .cli_daemon import daemon  # noqa: E402  (registered after main exists)
+
+main.add_command(daemon)
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="qprobe")

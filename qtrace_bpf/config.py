@@ -1,4 +1,5 @@
-"""Daemon configuration: a TOML file (systemd/qtrace.toml documents every key), flags win.
+"""Daemon configuration: a TOML file (/etc/qtrace/qtrace.toml, systemd/qtrace.toml in the
+source, documents every key; qtrace.toml(5)), flags win.
 
 Every key is checked at start: its type and range, with an error that names the key, the
 value and what is expected.  Unknown keys are warned about (a typo must not stop a fleet
@@ -16,16 +17,18 @@ from qtrace_bpf.exporters.webconfig import WebConfig, load_web_config, parse_web
 from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
 from .hooks import MODES
+from .logfmt import LOG_FORMATS, LOG_LEVELS
 
 DEFAULT_PORT = 10471  # outside 9100-9999, which Prometheus' exporter registry has allocated
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
 class Config:
-    listen: str = DEFAULT_LISTEN
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)  # one or more HOST:PORT
+    telemetry_path: str = "/metrics"
     log_level: str = "info"
+    log_format: str = "logfmt"
     kernel_hook: str = "auto"
     debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS
     # debuginfod servers for stripped binaries' debug files ("" / empty: DEBUGINFOD_URLS)
@@ -55,8 +58,12 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)  # TLS and basic auth, from either
 
     @property
+    def host_ports(self) -> list[tuple[str, int]]:
+        return [parse_listen(a) for a in self.listen]
+
+    @property
     def host_port(self) -> tuple[str, int]:
-        return parse_listen(self.listen)
+        return self.host_ports[0]
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -107,6 +114,25 @@ def _uids(key: str, value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _listen(key: str, value: object) -> tuple[str, ...]:
+    """One address or a list of them (node_exporter's repeatable --web.listen-address)."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list | tuple) or not values or \
+            not all(isinstance(v, str) for v in values):
+        raise QtraceError(f"{key} = {value!r}: expected HOST:PORT or a list of them")
+    for v in values:
+        parse_listen(v)
+    return tuple(dict.fromkeys(values))
+
+
+def _path(key: str, value: object) -> str:
+    path = _string(key, value)
+    if not path.startswith("/") or path in ("/", "/-/healthy", "/-/ready") or " " in path:
+        raise QtraceError(f"{key} = {value!r}: expected a path such as /metrics (not /, "
+                          "/-/healthy or /-/ready)")
+    return path
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise QtraceError(f"{key} = {value!r}: expected a string")
@@ -115,8 +141,10 @@ def _string(key: str, value: object) -> str:
 
 # key -> how its value is checked (and converted)
 _KEYS = {
-    "listen": lambda k, v: parse_listen(_string(k, v)) and v,
+    "listen": _listen,
+    "telemetry_path": _path,
     "log_level": lambda k, v: _choice(k, v, LOG_LEVELS),
+    "log_format": lambda k, v: _choice(k, v, LOG_FORMATS),
     "kernel_hook": lambda k, v: _choice(k, v, ("auto", *MODES)),
     "debug_roots": _strings,
     "debuginfod_urls": _strings,

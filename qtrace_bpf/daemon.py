@@ -17,7 +17,7 @@ import resource
 import time
 from collections.abc import Callable
 
-from . import loader, pins, resolver, targets
+from . import __version__, build_info, loader, pins, resolver, revision, targets
 from .binaries import QemuBinaries
 from .catalog import load_catalog
 from .config import Config
@@ -249,12 +249,15 @@ def run_daemon(cfg: Config) -> int:
     from qtrace_bpf.exporters.metrics import Exposition
 
     handler = logging.StreamHandler()
-    handler.setFormatter(Formatter())
+    handler.setFormatter(Formatter(as_json=cfg.log_format == "json"))
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
     signals = Signals()
     signals.install()
     started = time.monotonic()
     daemon = Daemon(cfg)
+    daemon.log("starting qtrace", version=__version__, **build_info())
+    for warning in cfg.web.warnings:  # once: the file is taken, not all of it honoured
+        daemon.log(f"web config: {warning}", level="warning")
     daemon.signals = signals
     notify = Notifier(daemon.log)
     exposition = Exposition(daemon)
@@ -263,16 +266,19 @@ def run_daemon(cfg: Config) -> int:
     if connections < cfg.max_connections:
         daemon.log("max_connections capped to fit the fd limit", level="warning",
                    configured=cfg.max_connections, max_connections=connections, nofile=nofile)
-    server = Server(make_app(exposition.get, daemon.healthy, daemon.readiness),
-                    [cfg.host_port], web=cfg.web, limits=Limits(max_connections=connections),
+    app = make_app(exposition.get, daemon.healthy, daemon.readiness, cfg.telemetry_path,
+                   f"qtrace {__version__} (revision {revision()})")
+    server = Server(app, cfg.host_ports, web=cfg.web, limits=Limits(max_connections=connections),
                     log=daemon.log)
     daemon.http = server  # its connection counters are self-metrics
     try:
         server.start()
     except OSError as exc:
         server.shutdown()
-        raise QtraceError(f"cannot listen on {cfg.listen}: {exc.strerror}") from None
-    daemon.log("listening", listen=cfg.listen, scheme="https" if cfg.web.tls else "http",
+        raise QtraceError(f"cannot listen on {', '.join(cfg.listen)}: {exc.strerror}") \
+            from None
+    daemon.log("listening", listen=",".join(cfg.listen), path=cfg.telemetry_path,
+               scheme="https" if cfg.web.tls else "http",
                auth="basic" if cfg.web.users else None, max_connections=connections,
                nofile=nofile)
     try:

@@ -146,7 +146,9 @@ def ensure(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
     log("running the BPF loader", reason="no complete program of this build pinned")
     argv = [sys.executable, "-m", "qtrace_bpf.loader", "--pin-dir", pin_dir,
             "--hook", hook or "auto", "--max-vms", str(max_vms), "--max-vcpus", str(max_vcpus),
-            "--log-level", logging.getLevelName(logging.getLogger("qtrace").getEffectiveLevel())]
+            "--log-level", logging.getLevelName(logging.getLogger("qtrace").getEffectiveLevel()),
+            "--log-format", "json" if any(getattr(h.formatter, "as_json", False)
+                                          for h in logging.getLogger().handlers) else "logfmt"]
     # its own session: a terminal's Ctrl-C must not stop it halfway through pinning
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -191,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-vms", type=int, default=1024)
     ap.add_argument("--max-vcpus", type=int, default=64)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-format", default="logfmt", choices=("logfmt", "json"))
     args = ap.parse_args(argv)
     handler = logging.StreamHandler()
-    handler.setFormatter(Formatter())
+    handler.setFormatter(Formatter(as_json=args.log_format == "json"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     log = logger_fn(logging.getLogger("qtrace"))
     try:

@@ -8,10 +8,13 @@ priority journald reads (SyslogLevelPrefix=yes, the default).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("logfmt", "json")
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/@+,~%-]+$")
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -43,17 +46,26 @@ def kv(**fields: object) -> str:
 
 
 class Formatter(logging.Formatter):
-    """level=info msg="..." key=value ...; fields come in `extra={"fields": {...}}`."""
+    """level=info msg="..." key=value ...; fields come in `extra={"fields": {...}}`.
+    as_json: one JSON object a line instead ({"level", "msg", fields...}), as
+    --log.format=json asks (node_exporter's flag); the journal prefix stays."""
 
-    def __init__(self, journal: bool | None = None) -> None:
+    def __init__(self, journal: bool | None = None, as_json: bool = False) -> None:
         super().__init__()
         self.journal = bool(os.environ.get("JOURNAL_STREAM")) if journal is None else journal
+        self.as_json = as_json
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {}) or {}
-        line = f"level={record.levelname.lower()} msg={quote(record.getMessage())}{kv(**fields)}"
         if record.exc_info:
-            line += kv(error=self.formatException(record.exc_info))
+            fields = {**fields, "error": self.formatException(record.exc_info)}
+        if self.as_json:
+            line = json.dumps({"level": record.levelname.lower(), "msg": record.getMessage(),
+                               **{k: v if isinstance(v, int | float | bool) else str(v)
+                                  for k, v in fields.items() if v is not None}})
+        else:
+            line = f"level={record.levelname.lower()} msg={quote(record.getMessage())}" \
+                   f"{kv(**fields)}"
         if self.journal:
             line = f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
         return line

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Man pages from click's own help: qprobe(1) and qprobe-COMMAND(1) for each subcommand.
+"""Man pages from click's own help: qprobe(1) and qprobe-COMMAND(1) for each subcommand,
+and qtrace.toml(5) from the commented config the package installs.
 
-    python3 scripts/gen-man.py OUTDIR      (debian/rules runs it at package build)
+    python3 scripts/gen-man.py OUTDIR      (debian/rules runs it at package build; OUTDIR is
+                                            man1, and qtrace.toml.5.gz goes to ../man5)
 
 Why generated: the help text is the one source; a man page typed by hand would drift.
 """
@@ -68,6 +70,24 @@ def page(cmd: click.Command, name: str, parent: click.Context | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def toml_page() -> str:
+    """qtrace.toml(5): the shipped file is the reference (every key, commented)."""
+    text = (Path(__file__).resolve().parent.parent / "systemd" / "qtrace.toml").read_text()
+    lines = [f'.TH QTRACE.TOML 5 "" "qtrace {__version__}" "File Formats"',
+             ".SH NAME", "qtrace.toml \\- configuration of the qtrace daemon",
+             ".SH SYNOPSIS", "/etc/qtrace/qtrace.toml",
+             ".SH DESCRIPTION",
+             roff("The daemon (qprobe daemon --config FILE) reads this TOML file at start; "
+                  "command-line flags win over it. Every key is checked (type, range); "
+                  "unknown keys are reported with the nearest known one. "
+                  "qprobe daemon --config FILE --check-config checks a file without "
+                  "attaching anything. The installed file, below, names every key with its "
+                  "default and what it does."),
+             ".SH THE FILE", ".nf", roff(text).replace(".PP", ""), ".fi",
+             ".SH SEE ALSO", "\\fBqprobe\\-daemon\\fR(1), \\fBqprobe\\-load\\fR(1)"]
+    return "\n".join(lines) + "\n"
+
+
 def main_(outdir: str) -> None:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +98,11 @@ def main_(outdir: str) -> None:
     for name, text in pages.items():
         with gzip.GzipFile(out / f"{name}.1.gz", "wb", mtime=0) as f:
             f.write(text.encode())
-    print(f"gen-man: {len(pages)} pages in {out}")
+    man5 = out.parent / "man5"
+    man5.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(man5 / "qtrace.toml.5.gz", "wb", mtime=0) as f:
+        f.write(toml_page().encode())
+    print(f"gen-man: {len(pages)} pages in {out}, qtrace.toml(5) in {man5}")
 
 
 if __name__ == "__main__":

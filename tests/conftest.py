@@ -389,7 +389,8 @@ class DaemonProcess:
             assert self.proc.stderr is not None
             for line in self.proc.stderr:
                 self.log.append(line)
-                if "msg=tracing" in line:  # listening comes first, before the BPF load
+                # listening comes first, before the BPF load (logfmt or --log.format=json)
+                if "msg=tracing" in line or '"msg": "tracing"' in line:
                     ready.set()
             ready.set()
 

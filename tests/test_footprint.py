@@ -289,6 +289,11 @@ def test_the_units_load_step_pins_for_the_daemon_which_then_compiles_nothing(tmp
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "no such user 'no-such-user'" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+    off = tmp_path / "off.toml"  # pinning off: nothing to load ahead, not a failed unit
+    off.write_text(daemon_toml(port, bpf_pin_root=""))
+    nothing = subprocess.run([*QPROBE, "load", "--config", str(off)], capture_output=True,
+                             text=True, timeout=60)
+    assert nothing.returncode == 0 and "pinning is off" in nothing.stderr, nothing.stderr
     daemon = DaemonProcess(path, port)
     try:
         log = "".join(daemon.log)

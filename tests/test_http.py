@@ -265,6 +265,15 @@ def test_web_config_errors_at_start(tmp_path):
             "client_auth_type 'X'",
         "tls_config:\n  a: b\n": "unknown key(s): tls_config",
         "basic_auth_users: [a]\n": "basic_auth_users: expected a mapping",
+        f"tls_server_config:\n  cert_file: {crt}\n  key_file: {key}\n  min_version: TLS13\n"
+        "  max_version: TLS12\n": "min_version TLS13 is above max_version TLS12",
+        f"tls_server_config:\n  cert_file: {crt}\n  key_file: {key}\n"
+        "  cipher_suites: [RC4]\n": "cipher_suites: unknown RC4",
+        "http_server_config:\n  headers:\n    X-Powered-By: me\n": "'X-Powered-By' is not one",
+        "http_server_config:\n  headers:\n    X-Frame-Options: allow\n": "one of deny, sameorigin",
+        "rate_limit:\n  interval: 1 second\n  burst: 2\n": "expected a duration",
+        "rate_limit:\n  interval: 1s\n": "burst must be at least 1",
+        "tls_server_config:\n  max_versoin: TLS12\n": "unknown key(s): max_versoin",
     }
     for text, message in cases.items():
         path = tmp_path / "web.yml"
@@ -483,3 +492,133 @@ def test_shutdown_with_open_connections_is_quiet():
     r = subprocess.run([sys.executable, "-c", SHUTDOWN_WITH_OPEN_CONNECTIONS],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0 and r.stderr.strip() == "closed", r.stderr
+
+
+def client_cert(tmp: Path, ca: tuple[Path, Path], name: str, san: str) -> tuple[Path, Path]:
+    """A client certificate signed by ca, with one subjectAltName."""
+    key, csr, crt = tmp / f"{name}.key", tmp / f"{name}.csr", tmp / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName={san}", "-keyout", str(key), "-out", str(csr)],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey",
+                    str(ca[1]), "-set_serial", "7", "-days", "2", "-copy_extensions", "copy",
+                    "-out", str(crt)], check=True, capture_output=True)
+    return crt, key
+
+
+def tls_client(cert: tuple[Path, Path] | None = None, version: ssl.TLSVersion | None = None):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    if cert:
+        ctx.load_cert_chain(*cert)
+    return ctx
+
+
+def refused_in_tls(url: str, ctx: ssl.SSLContext, auth: tuple[str, str] | None = None) -> None:
+    """The connection ends in or right after the handshake: no HTTP answer at all."""
+    with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)) as err:
+        get(url, ctx=ctx, auth=auth)
+    assert not isinstance(err.value, urllib.error.HTTPError), err.value
+
+
+def test_every_key_of_the_exporter_toolkit_format_is_honoured_or_warned(fake, tmp_path):
+    """A fleet's web.yml with every documented key: each is honoured (TLS version bounds,
+    ciphers, client certificates and their SANs, headers, basic auth, rate limit) or
+    warned about once (http2, a second curve)."""
+    from qtrace_bpf.exporters.webconfig import load_web_config
+
+    crt, key = make_cert(tmp_path)
+    ca = make_cert(tmp_path, "ca", cn="clients-ca")
+    good = client_cert(tmp_path, ca, "prom", "DNS:prom.example")
+    other = client_cert(tmp_path, ca, "other", "DNS:other.example")
+    web = tmp_path / "web.yml"
+    web.write_text(f"""
+tls_server_config:
+  cert_file: {crt}
+  key_file: {key}
+  client_ca_file: {ca[0]}
+  client_auth_type: RequireAndVerifyClientCert
+  client_allowed_sans: [prom.example]
+  min_version: TLS12
+  max_version: TLS12
+  cipher_suites: [TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256]
+  prefer_server_cipher_suites: true
+  curve_preferences: [CurveP256, X25519]
+http_server_config:
+  http2: true
+  headers:
+    Content-Security-Policy: default-src 'self'
+    X-Frame-Options: deny
+    X-Content-Type-Options: nosniff
+    X-XSS-Protection: 1; mode=block
+    Strict-Transport-Security: max-age=31536000
+basic_auth_users:
+  prom: {bcrypt_hash(b"secret")}
+rate_limit:
+  interval: 1s
+  burst: 3
+""")
+    cfg = load_web_config(str(web))
+    assert [w.split(":")[0] for w in cfg.warnings] == ["http_server_config.http2",
+                                                       "curve_preferences"], cfg.warnings
+    f = fake(web=cfg)
+    url = f.url(scheme="https")
+    auth = ("prom", "secret")
+    resp = get(url, ctx=tls_client(good), auth=auth)  # 1 of the burst of 3
+    assert resp.status == 200
+    assert resp.headers["X-Frame-Options"] == "deny"
+    assert resp.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert resp.headers["Content-Security-Policy"] == "default-src 'self'"
+    with socket.create_connection(("127.0.0.1", f.port)) as raw, \
+            tls_client(good).wrap_socket(raw) as s:
+        assert s.version() == "TLSv1.2" and s.cipher()[0] == "ECDHE-RSA-AES128-GCM-SHA256"
+    refused_in_tls(url, tls_client(good, ssl.TLSVersion.TLSv1_3), auth)  # above max_version
+    refused_in_tls(url, tls_client(), auth)  # no client certificate
+    refused_in_tls(url, tls_client(other), auth)  # a certificate without an allowed SAN
+    assert f.server.refused_sans == 1
+    with pytest.raises(urllib.error.HTTPError) as err:  # 2 of 3: basic auth still asked
+        get(url, ctx=tls_client(good))
+    assert err.value.code == 401
+    get(url, ctx=tls_client(good), auth=auth)  # 3 of 3
+    with pytest.raises(urllib.error.HTTPError) as err:  # over the burst, within 1 s
+        get(url, ctx=tls_client(good), auth=auth)
+    assert err.value.code == 429
+    time.sleep(1.1)  # one token back
+    assert get(url, ctx=tls_client(good), auth=auth).status == 200
+
+
+@pytest.mark.parametrize("auth_type, client_gets_in", [
+    ("RequestClientCert", True), ("RequireAnyClientCert", False),
+    ("VerifyClientCertIfGiven", True), ("NoClientCert", True)])
+def test_client_auth_types_without_a_certificate(fake, tmp_path, auth_type, client_gets_in):
+    """Each of Go's five client auth types is taken; a client that sends no certificate
+    gets in or not as Go would decide (RequireAndVerifyClientCert is above)."""
+    from qtrace_bpf.exporters.webconfig import parse_web_config
+
+    crt, key = make_cert(tmp_path)
+    ca = make_cert(tmp_path, "ca", cn="clients-ca")
+    tls = {"cert_file": str(crt), "key_file": str(key), "client_auth_type": auth_type}
+    if auth_type != "NoClientCert":
+        tls["client_ca_file"] = str(ca[0])
+    cfg = parse_web_config({"tls_server_config": tls}, "test")
+    f = fake(web=cfg)
+    if client_gets_in:
+        assert get(f.url(scheme="https"), ctx=tls_client()).status == 200
+    else:
+        refused_in_tls(f.url(scheme="https"), tls_client())
+
+
+def test_inline_certificate_key_and_client_ca(fake, tmp_path):
+    from qtrace_bpf.exporters.webconfig import parse_web_config
+
+    crt, key = make_cert(tmp_path)
+    ca = make_cert(tmp_path, "ca", cn="clients-ca")
+    good = client_cert(tmp_path, ca, "prom", "DNS:prom.example")
+    cfg = parse_web_config({"tls_server_config": {
+        "cert": crt.read_text(), "key": key.read_text(), "client_ca": ca[0].read_text(),
+        "client_auth_type": "RequireAndVerifyClientCert"}}, "test")
+    f = fake(web=cfg)
+    assert get(f.url(scheme="https"), ctx=tls_client(good)).status == 200
+    refused_in_tls(f.url(scheme="https"), tls_client())

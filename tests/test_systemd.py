@@ -186,6 +186,12 @@ def test_apt_install_starts_a_non_root_daemon_that_counts_a_vm(container):
     assert caps & (1 << cap_bpf) and caps & (1 << cap_perfmon), hex(caps)
     assert not caps & (1 << cap_sys_admin), hex(caps)
     assert "msg=tracing" in c.journal()
+    docs = c.run("systemctl", "show", "-p", "Documentation", "--value", "qtrace").stdout \
+        .replace('"', "").split()
+    assert docs, "the unit has Documentation="
+    for doc in docs:  # each resolves to an installed page
+        page, section = re.fullmatch(r"man:([\w.-]+)\((\d)\)", doc).groups()
+        c.run("test", "-s", f"/usr/share/man/man{section}/{page}.{section}.gz")
     with DemoQemu("in-container", wrapper=["nsenter", "-t", str(c.pid1), "-a"],
                   tmp_root=c.shared) as vm:
         vm.cmd("cont")
@@ -236,6 +242,37 @@ def test_the_unit_is_sandboxed(container):
                         check=False).stdout
     level = float(re.search(r"Overall exposure level for qtrace.service: ([0-9.]+)", out)[1])
     assert level <= 3.0, out[-3000:]
+
+
+def test_a_start_that_cannot_succeed_stops_after_the_burst(container):
+    """StartLimitBurst: a config that cannot load is tried 5 times, then the unit stays
+    failed, with the reason in `systemctl status` (not a restart every 5 s forever)."""
+    c = container
+    conf = "/etc/qtrace/qtrace.toml"
+    c.run("cp", conf, f"{conf}.saved")
+    try:
+        c.run("sh", "-c", f"echo 'bogus_key = 1' >> {conf}")
+        c.run("systemctl", "restart", "--no-block", "qtrace")
+
+        def journal() -> str:
+            return c.run("journalctl", "-u", "qtrace", "--no-pager", "-o", "cat",
+                         check=False).stdout
+
+        # systemd 252 keeps Result=exit-code; the start limit says itself in the journal
+        wait(lambda: "Start request repeated too quickly" in journal(), timeout=150,
+             why=lambda: journal()[-3000:])
+        status = c.run("systemctl", "status", "--no-pager", "-n", "30", "qtrace",
+                       check=False).stdout
+        assert "unknown key 'bogus_key'" in status, status
+        assert c.run("systemctl", "is-active", "qtrace", check=False).stdout.strip() == "failed"
+        starts = journal().count("unknown key 'bogus_key'")
+        assert starts == 5, starts  # the burst, each failed start saying why
+        time.sleep(12)  # RestartSec=5s: nothing more is tried
+        assert journal().count("unknown key 'bogus_key'") == 5
+    finally:
+        c.run("mv", f"{conf}.saved", conf)
+        c.run("systemctl", "reset-failed", "qtrace")
+        c.run("systemctl", "start", "qtrace")
 
 
 def test_apt_purge_leaves_nothing(container):
