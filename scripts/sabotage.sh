@@ -102,7 +102,7 @@ run web_yml_key FAILED tests/test_http.py -k "every_key"
 edit exporters/http.py '        if not self.rate.allow(self._loop.time()):' '        if False:'
 run rate_limit FAILED tests/test_http.py -k "every_key"
 edit systemd/qtrace.service 'StartLimitIntervalSec=10min' ''
-run start_limit FAILED tests/test_systemd.py -k "burst"
+run start_limit FAILED tests/test_systemd.py -k "apt_install or burst"
 # Debian's own kernels (the guest tier, bookworm only: ~12 min a case, SABOTAGE_ONLY to pick)
 edit qtrace_bpf/program.py '                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))' '                self.links.hold(fentry.link(self._fentry_fds[name], exit_))'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run fentry_pin FAILED tests/test_debian_hosts.py -k "bookworm and (nested_vm and auto or restart)"
