@@ -136,7 +136,8 @@ UNIT
   # TCG runs the BPF loader's compile ~10x slower than a host: more time to start, and no
   # CPU quota (sized for a host, it would double that again)
   mkdir -p "$stage/etc/systemd/system/qtrace.service.d"
-  printf '[Service]\nTimeoutStartSec=900s\nWatchdogSec=0\nCPUQuota=\n' \
+  # and no start limit: the tier restarts the service on purpose, many times
+  printf '[Unit]\nStartLimitIntervalSec=0\n[Service]\nTimeoutStartSec=900s\nWatchdogSec=0\nCPUQuota=\n' \
     >"$stage/etc/systemd/system/qtrace.service.d/tcg.conf"
   mkfs.ext4 -q -F -L root -d "$stage" "$image.tmp" 6G >"$log.mkfs" 2>&1 \
     || { cat "$log.mkfs" >&2; die "mkfs.ext4 -d failed"; }

@@ -101,7 +101,7 @@ edit exporters/webconfig.py '    unknown = sorted(set(http) - {"http2", "headers
 run web_yml_key FAILED tests/test_http.py -k "every_key"
 edit exporters/http.py '        if not self.rate.allow(self._loop.time()):' '        if False:'
 run rate_limit FAILED tests/test_http.py -k "every_key"
-edit systemd/qtrace.service 'StartLimitIntervalSec=10min' ''
+edit systemd/qtrace.service 'StartLimitIntervalSec=2min' ''
 run start_limit FAILED tests/test_systemd.py -k "apt_install or burst"
 # Debian's own kernels (the guest tier, bookworm only: ~12 min a case, SABOTAGE_ONLY to pick)
 edit qtrace_bpf/program.py '                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))' '                self.links.hold(fentry.link(self._fentry_fds[name], exit_))'
