@@ -361,22 +361,17 @@ static __always_inline u32 syscall_fd(void) {
 // Plain BPF_PROG functions, not KFUNC_PROBE: BCC would look kvm_* up in vmlinux's BTF only,
 // and KVM is a module.  qtrace_bpf/fentry.py loads them against the module's BTF.
 // Tracing programs must return 0 (the 6.12 verifier checks it).
-BPF_PROG(fe_kvm_vcpu_ioctl, void *filp, unsigned int ioctl, unsigned long arg) {
-    ioctl_enter(syscall_fd(), ioctl, arg);
-    return 0;
-}
-BPF_PROG(fx_kvm_vcpu_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret) {
-    ioctl_exit(ret);
-    return 0;
-}
-BPF_PROG(fe_kvm_vm_ioctl, void *filp, unsigned int ioctl, unsigned long arg) {
-    ioctl_enter(syscall_fd(), ioctl, arg);
-    return 0;
-}
-BPF_PROG(fx_kvm_vm_ioctl, void *filp, unsigned int ioctl, unsigned long arg, long ret) {
-    ioctl_exit(ret);
-    return 0;
-}
+#define QT_FENTRY(fn)                                                                      \
+    BPF_PROG(fe_##fn, void *filp, unsigned int ioctl, unsigned long arg) {                 \
+        ioctl_enter(syscall_fd(), ioctl, arg);                                             \
+        return 0;                                                                          \
+    }                                                                                      \
+    BPF_PROG(fx_##fn, void *filp, unsigned int ioctl, unsigned long arg, long ret) {       \
+        ioctl_exit(ret);                                                                   \
+        return 0;                                                                          \
+    }
+QT_FENTRY(kvm_vcpu_ioctl)
+QT_FENTRY(kvm_vm_ioctl)
 #endif
 
 #if defined(QTRACE_HOOK_KPROBE)

@@ -193,12 +193,10 @@ def load(config_path: str | None, owner: str | None) -> None:
     """
     from .config import load_config
     from .loader import prepare
-    from .logfmt import Formatter, logger_fn
+    from .logfmt import logger_fn, setup
 
     cfg = load_config(config_path)
-    handler = logging.StreamHandler()
-    handler.setFormatter(Formatter(as_json=cfg.log_format == "json"))
-    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
+    setup(cfg.log_level, cfg.log_format)
     from .pins import is_bpffs
 
     if not cfg.bpf_pin_root or not is_bpffs(cfg.bpf_pin_root):

@@ -23,7 +23,7 @@ from .catalog import load_catalog
 from .config import Config
 from .debuginfod import Debuginfod
 from .errors import AttachError, QtraceError
-from .logfmt import Formatter, RateLimited, logger_fn
+from .logfmt import RateLimited, logger_fn, setup
 from .pinned import PinnedProgram
 from .service import Notifier, Signals
 from .tracker import TracedVm, Tracker
@@ -248,9 +248,7 @@ def run_daemon(cfg: Config) -> int:
     from qtrace_bpf.exporters.http import Limits, Server, make_app
     from qtrace_bpf.exporters.metrics import Exposition
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(Formatter(as_json=cfg.log_format == "json"))
-    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
+    setup(cfg.log_level, cfg.log_format)
     signals = Signals()
     signals.install()
     started = time.monotonic()

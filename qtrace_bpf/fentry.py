@@ -13,6 +13,7 @@ runs privileged, the long-running daemon does not (docs/debian-hosts.md).
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import os
 
 from .errors import QtraceError
@@ -59,16 +60,17 @@ class _BtfInfo(ct.Structure):
                 ("kernel_btf", ct.c_uint32)]
 
 
-def target(function: str, module: str = "kvm") -> tuple[int, int | None]:
-    """(BTF type id of `function`, fd of the BTF object it is in: None for vmlinux).
-    A built-in KVM has its functions in vmlinux; a module's are in its split BTF."""
+@functools.lru_cache(maxsize=8)
+def btf_id(function: str, module: str = "kvm") -> tuple[int, bool]:
+    """(BTF type id of `function`, whether it is in `module`'s split BTF rather than
+    vmlinux's).  Parsing vmlinux's BTF takes a while: once per function and process."""
     vmlinux = _bpf.btf__load_vmlinux_btf()
     if not vmlinux:
         raise QtraceError("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")
     try:
         found = _bpf.btf__find_by_name_kind(vmlinux, function.encode(), BTF_KIND_FUNC)
         if found > 0:
-            return found, None
+            return found, False
         split = _bpf.btf__load_module_btf(module.encode(), vmlinux)
         if not split:
             raise QtraceError(f"{function} is not in vmlinux's BTF and the {module} module "
@@ -79,9 +81,18 @@ def target(function: str, module: str = "kvm") -> tuple[int, int | None]:
             _bpf.btf__free(split)
         if found <= 0:
             raise QtraceError(f"{function} is not in the {module} module's BTF")
-        return found, module_btf_fd(module)
+        return found, True
     finally:
         _bpf.btf__free(vmlinux)
+
+
+def target(function: str, module: str = "kvm") -> tuple[int, int | None]:
+    """(BTF type id of `function`, fd of the BTF object it is in: None for vmlinux).
+    A built-in KVM has its functions in vmlinux; a module's are in its split BTF."""
+    found, in_module = btf_id(function, module)
+    if not in_module:
+        return found, None
+    return found, module_btf_fd(module)
 
 
 def module_btf_fd(module: str) -> int:

@@ -185,7 +185,7 @@ def prepare(pin_root: str, hook: str | None, max_vms: int, max_vcpus: int, owner
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logfmt import Formatter, logger_fn
+    from .logfmt import logger_fn, setup
 
     ap = argparse.ArgumentParser(prog="qtrace-loader", description=__doc__)
     ap.add_argument("--pin-dir", required=True)
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--log-format", default="logfmt", choices=("logfmt", "json"))
     args = ap.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(Formatter(as_json=args.log_format == "json"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    setup(args.log_level, args.log_format)
     log = logger_fn(logging.getLogger("qtrace"))
     try:
         with loading.signals_held():  # a signal must not leave half a pin directory

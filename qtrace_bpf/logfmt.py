@@ -71,6 +71,14 @@ class Formatter(logging.Formatter):
         return line
 
 
+def setup(level: str, fmt: str = "logfmt") -> None:
+    """stderr (the journal under systemd), logfmt or JSON: the daemon, `qprobe load` and
+    the loader child all log the same way."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(Formatter(as_json=fmt == "json"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def logger_fn(logger: logging.Logger, level: int = logging.INFO):
     """log(msg, **fields) for the layers below the daemon (they never import logging)."""
 

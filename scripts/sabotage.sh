@@ -106,7 +106,7 @@ run start_limit FAILED tests/test_systemd.py -k "apt_install or burst"
 # Debian's own kernels (the guest tier, bookworm only: ~12 min a case, SABOTAGE_ONLY to pick)
 edit qtrace_bpf/program.py '                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))' '                self.links.hold(fentry.link(self._fentry_fds[name], exit_))'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run fentry_pin FAILED tests/test_debian_hosts.py -k "bookworm and (nested_vm and auto or restart)"
-edit qtrace_bpf/fentry.py '        return found, module_btf_fd(module)' '        return found, None'
+edit qtrace_bpf/fentry.py '    return found, module_btf_fd(module)' '    return found, None'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run module_btf FAILED tests/test_debian_hosts.py -k "bookworm and fentry"
 edit systemd/qtrace-generator 'if grep -q bpf_uprobe_multi_link_attach' 'if true || grep -q bpf_uprobe_multi_link_attach'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run perf_uprobes FAILED tests/test_debian_hosts.py -k "bookworm and nested_vm and kprobe"
