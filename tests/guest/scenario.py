@@ -185,6 +185,10 @@ def main() -> int:
         step = nested_vm(out, f"vm-{mode}")
         time.sleep(1)
         step["metrics"] = get("/metrics")[1]
+        step["links"] = sh("bpftool", "-j", "link", "show")["out"]
+        step["boot_journal"] = sh("journalctl", "-b", "-u", "qtrace", "--no-pager", "-o",
+                                  "short-monotonic")["out"][-20000:]
+        step["dmesg"] = sh("dmesg")["out"][-20000:]
         step["journal"] = journal_since(cursor)
         res["steps"][mode] = step
         if mode in ("auto", "kprobe"):  # restarts keep the pins and the counts
