@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ def main() -> None:
       qprobe watch PID              live view of one VM (Ctrl-C ends, prints a summary)
       qprobe watch --vm NAME        the same, by VM name
       qprobe watch PID --json       one JSON object per line
-      qprobe demo                   a throwaway VM, traced while hotplug and reset happen
+      qprobe demo                   a throwaway VM, traced (from a source checkout)
       qprobe daemon --config F      every VM on the host, as Prometheus metrics
       qprobe cleanup                remove the maps and probes a daemon left pinned
     """
@@ -239,7 +240,7 @@ def cleanup(config_path: str | None, pin_root: str | None) -> None:
     click.echo(f"removed {len(removed)} pins under {root}")
 
 
-@main.command()
+@click.command()
 @click.option("--duration", type=float, default=None, metavar="SECONDS",
               help="Stop tracing after this long (default: when the demo's steps are done).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of the live view.")
@@ -261,9 +262,15 @@ def demo(duration: float | None, as_json: bool) -> None:
         if exc.name is None or not exc.name.startswith("qemu"):
             raise
         raise QtraceError("the demo drives QEMU over QMP with qemu.qmp, which is not installed "
-                          "(not in Debian; development only): pip install 'qtrace-kvm[demo]'"
-                          ) from None
+                          "(not in Debian): .venv/bin/pip install qemu.qmp, or run "
+                          "`bash scripts/demo.sh` from a source checkout") from None
     sys.exit(run_demo(duration=duration, as_json=as_json))
+
+
+# The Debian package leaves the demo out (its QMP client is not in Debian): no command
+# that could only fail there.
+if importlib.util.find_spec(f"{__package__}.demo") is not None:
+    main.add_command(demo)
 
 
 from .cli_daemon import daemon  # noqa: E402  (registered after main exists)

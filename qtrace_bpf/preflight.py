@@ -55,9 +55,11 @@ def kernel_headers_dir() -> str:
 def check_kernel_headers() -> None:
     build = kernel_headers_dir()
     if not os.path.exists(build):
-        raise QtraceError(f"kernel headers missing: {build} does not exist (BCC compiles against "
-                          "them: apt-get install linux-headers-amd64 and link it, see "
-                          "scripts/setup.sh)")
+        release = os.uname().release
+        raise QtraceError(f"kernel headers missing for the running kernel {release}: {build} "
+                          f"does not exist (BCC compiles against them); fix: apt install "
+                          f"linux-headers-{release}, then restart (a kernel Debian does not "
+                          f"package: link {build} to its headers)")
 
 
 def resource_problem(text: str) -> str | None:

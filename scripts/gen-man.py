@@ -17,7 +17,8 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the tree's package, unless PYTHONPATH names another (the .deb's: it has no demo)
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from qtrace_bpf import __version__  # noqa: E402
 from qtrace_bpf.cli import main  # noqa: E402
 

@@ -103,6 +103,13 @@ edit exporters/http.py '        if not self.rate.allow(self._loop.time()):' '   
 run rate_limit FAILED tests/test_http.py -k "every_key"
 edit systemd/qtrace.service 'StartLimitIntervalSec=2min' ''
 run start_limit FAILED tests/test_systemd.py -k "apt_install or burst"
+# The package: lintian clean, the demo not shipped, an administrator's files kept on purge
+edit debian/control 'Maintainer: Seed 1a4b9429 maintainers <maintainers@users.noreply.b-seed-1a4b9429.example>' 'Maintainer: qtrace developers <qtrace-devel@localhost>'
+run lintian FAILED tests/test_package.py -k "lintian"
+edit debian/rules '	rm $(SITE)/qtrace_bpf/demo.py $(SITE)/qtrace_bpf/demo_qemu.py' ''
+run demo_shipped FAILED tests/test_package.py -k "ships or no_demo"
+edit debian/qtrace.postrm '    rm -rf /var/cache/qtrace' '    rm -rf /var/cache/qtrace /etc/qtrace'
+run purge_keys FAILED tests/test_systemd.py -k "apt_install or purge"
 # Debian's own kernels (the guest tier, bookworm only: ~12 min a case, SABOTAGE_ONLY to pick)
 edit qtrace_bpf/program.py '                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))' '                self.links.hold(fentry.link(self._fentry_fds[name], exit_))'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run fentry_pin FAILED tests/test_debian_hosts.py -k "bookworm and (nested_vm and auto or restart)"

@@ -9,7 +9,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 APT_PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 qemu-system-x86 python3-venv
           bpftool strace gcc make binutils xz-utils elfutils prometheus iproute2 openssl
           systemd util-linux libvirt-daemon-system libvirt-clients bpftrace linux-perf gdb
-          dwz debuginfod qemu-utils)
+          dwz debuginfod qemu-utils lintian)
 
 if [ "$(id -u)" != 0 ]; then say "must run as root (BPF, /dev/kvm, apt)"; exit 1; fi
 

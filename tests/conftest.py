@@ -95,6 +95,15 @@ def dtrace_qemu() -> str | None:
 QEMU_BUILDS = ("debian-7.2", "upstream-10.0")
 
 
+@pytest.fixture(scope="session")
+def built_deb() -> Path:
+    """The .deb (and its .changes, source package) built from this tree, once a session."""
+    r = subprocess.run(["bash", "scripts/build-deb.sh"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ROOT / r.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module", params=QEMU_BUILDS)
 def qemu(request) -> str | None:
     """Which qemu-system-x86_64 a scenario runs (None: the one on PATH, Debian's)."""

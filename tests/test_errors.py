@@ -98,6 +98,7 @@ def test_kernel_headers_missing(paused_vm, nothing_left):
     prefix = _in_mount_ns(f"mount -t tmpfs none {mods} && exec \"$@\"")
     r = qprobe("watch", str(paused_vm.pid), prefix=prefix)
     assert_clean_error(r, "kernel headers missing")
+    assert f"apt install linux-headers-{os.uname().release}" in r.stderr  # the fix, exactly
 
 
 def test_no_usable_kernel_hook(paused_vm, nothing_left):
