@@ -57,9 +57,11 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"
 class Server:
     def __init__(self, app: App, addresses: list[tuple[str, int]], *,
                  web: WebConfig | None = None, limits: Limits | None = None,
-                 log: Callable[..., None] | None = None):
+                 log: Callable[..., None] | None = None,
+                 sockets: list[socket.socket] | None = None):
         self.app = app
         self.addresses = addresses
+        self.sockets = sockets or []  # already listening (systemd socket activation)
         self.web = web or WebConfig()
         self.limits = limits or Limits()
         self.log = log or (lambda _msg, **_kw: None)
@@ -99,9 +101,12 @@ class Server:
     async def _listen(self) -> None:
         # TLS is started per connection in _serve (the current certificates: rotation
         # without a restart), so a handshake holds one of max_connections like a request
+        listening = list(self.sockets)
         for host, port in self.addresses:
             sock = _bind(host, port)
             sock.listen(self.limits.backlog)
+            listening.append(sock)
+        for sock in listening:
             server = await asyncio.start_server(self._handle, sock=sock, limit=MAX_HEADER)
             self._servers.append(server)
 

@@ -20,6 +20,9 @@ HOOK_CHOICE = click.Choice(["auto", *MODES])
               help="Serve metrics here; repeat for several: 127.0.0.1:10471, [::1]:10471, "
                    "or :10471 for every IPv4 and IPv6 address (default: the config's "
                    "`listen`, else 0.0.0.0:10471).")
+@click.option("--web.systemd-socket", "systemd_socket", is_flag=True,
+              help="Serve on the sockets systemd passes (socket activation: a .socket "
+                   "unit's ListenStream=) instead of binding the listen addresses.")
 @click.option("--web.telemetry-path", "telemetry_path", default=None, metavar="PATH",
               help="Path of the metrics (default /metrics).")
 @click.option("--web.config.file", "web_config_file", type=click.Path(dir_okay=False),
@@ -39,7 +42,7 @@ HOOK_CHOICE = click.Choice(["auto", *MODES])
 @click.option("--check-config", is_flag=True,
               help="Check the config and web config (types, ranges, certificates, bcrypt "
                    "hashes), print what was found, exit 0 or 1; attaches nothing.")
-def daemon(listen_addresses: tuple[str, ...], telemetry_path: str | None,
+def daemon(listen_addresses: tuple[str, ...], systemd_socket: bool, telemetry_path: str | None,
            web_config_file: str | None, config_path: str | None, hook: str | None,
            log_level: str | None, log_format: str | None, old_listen: str | None,
            old_log_level: str | None, check_config: bool) -> None:
@@ -89,6 +92,6 @@ def daemon(listen_addresses: tuple[str, ...], telemetry_path: str | None,
         sys.exit(0)
     from .daemon import run_daemon
 
-    sys.exit(run_daemon(load_config(config_path, **overrides)))
+    sys.exit(run_daemon(load_config(config_path, **overrides), systemd_socket=systemd_socket))
 
 

@@ -25,7 +25,7 @@ from .debuginfod import Debuginfod
 from .errors import AttachError, QtraceError
 from .logfmt import RateLimited, logger_fn, setup
 from .pinned import PinnedProgram
-from .service import Notifier, Signals
+from .service import Notifier, Signals, sock_address, systemd_sockets
 from .tracker import TracedVm, Tracker
 
 log = logging.getLogger("qtrace")
@@ -242,7 +242,7 @@ class Daemon:
             self.binaries.close()
 
 
-def run_daemon(cfg: Config) -> int:
+def run_daemon(cfg: Config, systemd_socket: bool = False) -> int:
     """Serve /metrics from the first second; trace until SIGTERM/SIGINT; every probe is
     detached on the way out."""
     from qtrace_bpf.exporters.http import Limits, Server, make_app
@@ -266,8 +266,9 @@ def run_daemon(cfg: Config) -> int:
                    configured=cfg.max_connections, max_connections=connections, nofile=nofile)
     app = make_app(exposition.get, daemon.healthy, daemon.readiness, cfg.telemetry_path,
                    f"qtrace {__version__} (revision {revision()})")
-    server = Server(app, cfg.host_ports, web=cfg.web, limits=Limits(max_connections=connections),
-                    log=daemon.log)
+    handed = systemd_sockets() if systemd_socket else None
+    server = Server(app, [] if handed else cfg.host_ports, web=cfg.web, sockets=handed,
+                    limits=Limits(max_connections=connections), log=daemon.log)
     daemon.http = server  # its connection counters are self-metrics
     try:
         server.start()
@@ -275,7 +276,9 @@ def run_daemon(cfg: Config) -> int:
         server.shutdown()
         raise QtraceError(f"cannot listen on {', '.join(cfg.listen)}: {exc.strerror}") \
             from None
-    daemon.log("listening", listen=",".join(cfg.listen), path=cfg.telemetry_path,
+    listen = [f"systemd:{sock_address(s)}" for s in handed] if handed \
+        else cfg.listen
+    daemon.log("listening", listen=",".join(listen), path=cfg.telemetry_path,
                scheme="https" if cfg.web.tls else "http",
                auth="basic" if cfg.web.users else None, max_connections=connections,
                nofile=nofile)

@@ -1,10 +1,13 @@
 """What the service manager and the operator talk to the daemon with: signals (stop,
-rescan) and sd_notify (READY, STATUS, the watchdog, STOPPING)."""
+rescan), sd_notify (READY, STATUS, the watchdog, STOPPING) and socket activation."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+
+from .errors import QtraceError
 
 
 class Signals:
@@ -56,3 +59,33 @@ class Notifier:
         if self.interval and time.monotonic() - self._kicked >= self.interval:
             self._kicked = time.monotonic()
             self.send("WATCHDOG=1")
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed (sd_listen_fds(3): fds 3.. when LISTEN_PID is
+    this process), as node_exporter's --web.systemd-socket takes them."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or \
+            not os.environ.get("LISTEN_FDS", "").isdigit():
+        raise QtraceError("--web.systemd-socket: systemd passed no socket (LISTEN_FDS and "
+                          "LISTEN_PID unset: start the daemon from a .socket unit, or "
+                          "systemd-socket-activate -l ADDRESS)")
+    count = int(os.environ["LISTEN_FDS"])
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for the loader or any other child
+    socks = []
+    for fd in range(3, 3 + count):
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM:
+            raise QtraceError(f"--web.systemd-socket: fd {fd} is not a stream socket "
+                              "(the .socket unit needs ListenStream=)")
+        socks.append(sock)
+    if not socks:
+        raise QtraceError("--web.systemd-socket: systemd passed 0 sockets")
+    return socks
+
+
+def sock_address(sock: socket.socket) -> str:
+    """HOST:PORT or [HOST]:PORT of a listening socket, as --web.listen-address spells it."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

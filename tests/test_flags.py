@@ -7,7 +7,17 @@ import json
 import urllib.error
 
 import pytest
-from conftest import DaemonProcess, check_kvm, daemon_toml, free_port, http_get
+from conftest import (
+    QPROBE,
+    ROOT,
+    DaemonProcess,
+    check_kvm,
+    daemon_toml,
+    free_port,
+    http_get,
+    popen,
+    require,
+)
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 
@@ -54,12 +64,55 @@ def test_the_old_flags_still_work_and_say_so(tmp_path):
     assert "deprecated flag: use --log.level" in log and "level=debug" in log
 
 
+def test_web_systemd_socket_serves_on_the_socket_systemd_passes(tmp_path, nothing_left):
+    """Socket activation: systemd-socket-activate listens, execs the daemon at the first
+    connection with the socket as fd 3; the daemon binds nothing of its own."""
+    import shutil
+    import signal
+    import subprocess
+    import threading
+
+    check_kvm()
+    activate = shutil.which("systemd-socket-activate")
+    require("systemd-socket-activate", activate is not None, "apt-get install systemd")
+    port, own = free_port(), free_port()
+    conf = tmp_path / "qtrace.toml"
+    conf.write_text(daemon_toml(own, keep_on_exit=False))
+    proc = popen([activate, "-l", f"127.0.0.1:{port}", *QPROBE, "daemon", "--config",
+                  str(conf), "--web.systemd-socket"], cwd=ROOT, stderr=subprocess.PIPE,
+                 text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        # the first connection waits in the socket's backlog while the daemon starts
+        assert "qtrace_build_info{" in http_get(f"http://127.0.0.1:{port}/metrics", timeout=90)
+        with pytest.raises(OSError):  # the config's own listen address is not bound
+            http_get(f"http://127.0.0.1:{own}/metrics", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        reader.join(10)
+    text = "".join(log)
+    assert rc == 0, text
+    assert f"msg=listening listen=systemd:127.0.0.1:{port} " in text, text
+
+
+def test_web_systemd_socket_without_a_socket_is_a_clear_error(tmp_path):
+    import subprocess
+
+    conf = tmp_path / "qtrace.toml"
+    conf.write_text(daemon_toml(free_port(), keep_on_exit=False))
+    r = subprocess.run([*QPROBE, "daemon", "--config", str(conf), "--web.systemd-socket"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "systemd passed no socket" in r.stderr, r.stderr
+
+
 def test_version_says_revision_branch_date_and_runtime():
     """prometheus/common's version.Print layout: what an operator pastes into a report."""
     import platform
     import subprocess
-
-    from conftest import QPROBE, ROOT
 
     from qtrace_bpf import __version__
 
