@@ -8,15 +8,55 @@ from harness import BASELINE, Table, markdown
 FLOOR = "floor (empty BPF)"
 
 
+RULE = ("How the headline judges a target, the same for every line: a figure's interval is "
+        "the min–max of its repetitions (of its paired differences with the untraced baseline "
+        "where it has them; a ratio's runs from the low end of one to the high end of the "
+        "other). With n repetitions that interval holds the true median with probability "
+        "1 − 2^(1−n) (94% for 5). The target is **met** when the whole interval is within it, "
+        "**missed** when the whole interval is beyond it, and **not resolved** when the "
+        "interval straddles it: this run cannot tell, and the line says by how much.")
+
+
+def interval(t: Table, row: str, col: int) -> tuple[float, float]:
+    """Where this run places the row's figure: the min–max of its paired differences (of
+    its values if it has none)."""
+    return (t.paired.get(row) or t.rows[row])[col].spread
+
+
+def judge(lo: float, hi: float, target: float, unit: str = "", at_least: bool = False) -> str:
+    """The one rule (RULE): the figure must stay ≤ target (≥ with at_least)."""
+    inside, beyond = (lo >= target, hi < target) if at_least else (hi <= target, lo > target)
+    if inside:
+        return "met"
+    if beyond:
+        return "missed"
+    return f"not resolved: this run places it at {lo:.3g}–{hi:.3g}{unit}"
+
+
+def ratio_interval(t: Table, row: str, other: str, col: int) -> tuple[float, float]:
+    (alo, ahi), (blo, bhi) = interval(t, row, col), interval(t, other, col)
+    return (alo / bhi if bhi > 0 else float("-inf"), ahi / blo if blo > 0 else float("inf"))
+
+
+def ratio_verdict(t: Table, row: str, other: str, col: int, target: float
+                  ) -> tuple[float, str] | None:
+    """row's added cost over other's, and the rule's word for ratio ≤ target."""
+    a, b = t.added(row, col), t.added(other, col)
+    if b <= 0:
+        return None
+    return a / b, judge(*ratio_interval(t, row, other, col), target, "×")
+
+
+def many_times(t: Table, dear: str, cheap: str, target: float) -> str:
+    """`dear`'s added cost over `cheap`'s, per column, each judged ≥ target."""
+    parts = [f"{c} **{t.added(dear, i) / t.added(cheap, i):,.0f}×** ("
+             f"{judge(*ratio_interval(t, dear, cheap, i), target, '×', at_least=True)})"
+             for i, c in enumerate(t.columns) if t.added(cheap, i) > 0]
+    return "; ".join(parts) + f" (target ≥ {target:.0f}×)"
+
+
 def _find(tables: list[tuple[str, Table]], section: str, start: str = "") -> Table | None:
     return next((t for s, t in tables if s == section and t.title.startswith(start)), None)
-
-
-def _ratio(t: Table, row: str, other: str, col: int) -> float | None:
-    if row not in t.rows or other not in t.rows:
-        return None
-    a, b = t.added(row, col), t.added(other, col)
-    return a / b if b > 0 else None
 
 
 def headline(tables: list[tuple[str, Table]]) -> list[str]:
@@ -32,33 +72,22 @@ def headline(tables: list[tuple[str, Table]]) -> list[str]:
                 out.append(f"- ioctl path ({name}): the floor's added cost is within this "
                            f"run's noise ({floor:+,.0f} ns); qtrace adds {ours:+,.0f} ns")
             elif floor and ours is not None:
-                r = ours / floor
-                ok = r <= 1.2
+                r, word = ratio_verdict(io, "qtrace daemon", FLOOR, col, 1.2)
                 out.append(f"- ioctl path ({name}, a state write): qtrace adds {ours:,.0f} ns, "
                            f"the floor {floor:,.0f} ns: **{r:.2f}× the floor** (target ≤ 1.2×: "
-                           f"{'met' if ok else 'missed'})" + ("" if ok else
-                           " — wall times here move by ±150 ns between runs of a ~2 µs ioctl "
-                           "(nested KVM); the bpf_stats line above measures the programs "
-                           "themselves"))
+                           f"{word})")
             if bt is not None and ours is not None:
+                (qlo, qhi), (blo, bhi) = (interval(io, "qtrace daemon", col),
+                                          interval(io, "bpftrace", col))
+                word = judge(qlo - bhi, qhi - blo, 0.0, " ns over bpftrace")
                 out.append(f"- same counting as bpftrace ({name}, wall time): qtrace "
                            f"{ours:+,.0f} ns vs bpftrace {bt:+,.0f} ns (target ≤ bpftrace: "
-                           f"{'met' if ours <= bt else 'missed'})" + (
-                               "" if ours <= bt else " — bpftrace counts on sys_enter only, "
-                               "one map update; qtrace needs sys_exit too (the return value "
-                               "and KVM_CREATE_VCPU's fd) and attributes phase and vCPU"))
+                           f"{word})")
             break
         strace = "strace -f -e trace=ioctl"
         if strace in io.rows and "qtrace daemon" in io.rows:
-            per = [(io.added(strace, i) / io.added("qtrace daemon", i), c)
-                   for i, c in enumerate(io.columns) if io.added("qtrace daemon", i) > 0]
-            worst = min(per)
-            out.append("- strace's added cost over qtrace's: " + "; ".join(
-                f"{c} **{r:,.0f}×**" for r, c in per) + f" (target ≥ 100×: "
-                f"{'met' if worst[0] >= 100 else 'missed for ' + worst[1]})" + (
-                    "" if worst[0] >= 100 else " — qtrace decodes and counts each state write "
-                    "in the kernel (hundreds of ns), strace stops the process twice per call "
-                    "(tens of µs): the ratio is smallest where qtrace does the most"))
+            out.append("- strace's added cost over qtrace's: " +
+                       many_times(io, strace, "qtrace daemon", 100))
         cols = [(c, io.added("qtrace daemon", i), io.added("bpftrace", i))
                 for i, c in enumerate(io.columns)
                 if "qtrace daemon" in io.rows and "bpftrace" in io.rows]
@@ -68,60 +97,45 @@ def headline(tables: list[tuple[str, Table]]) -> list[str]:
     own = _find(tables, "ioctl", "BPF programs")
     if own is not None and FLOOR in own.rows and "qtrace daemon" in own.rows:
         q, f = own.median("qtrace daemon", 0), own.median(FLOOR, 0)
-        b = own.median("bpftrace", 0) if "bpftrace" in own.rows else float("nan")
-        out.insert(0, f"- **BPF run time per traced ioctl** (bpf_stats, the steadiest figure): "
-                      f"qtrace {q:,.0f} ns, the floor's empty programs {f:,.0f} ns "
-                      f"(**{q / f:.2f}×** the floor; target ≤ 1.2×: "
-                      f"{'met' if q / f <= 1.2 else 'missed'}" + (
-                          "" if q / f <= 1.2 else f" — {q - f:,.0f} ns for qtrace's lookups "
-                          "(the process, the watched ioctl, the vCPU, the put level) and the "
-                          "in-flight record its exit handler needs") + f"), bpftrace {b:,.0f} ns "
-                      f"(target ≤ bpftrace: {'met' if q <= b else 'missed'}" + (
-                          ")" if q <= b else " — qtrace runs on sys_enter and sys_exit, "
-                          "bpftrace's count on sys_enter only)"))
+        (qlo, qhi), (flo, fhi) = interval(own, "qtrace daemon", 0), interval(own, FLOOR, 0)
+        word = judge(qlo / fhi, qhi / flo, 1.2, "×")
+        line = (f"- **BPF run time per traced ioctl** (bpf_stats, the steadiest figure): "
+                f"qtrace {q:,.0f} ns, the floor's empty programs {f:,.0f} ns "
+                f"(**{q / f:.2f}×** the floor; target ≤ 1.2×: {word})")
+        if "bpftrace" in own.rows:
+            b = own.median("bpftrace", 0)
+            blo, bhi = interval(own, "bpftrace", 0)
+            line += (f", bpftrace {b:,.0f} ns (target ≤ bpftrace: "
+                     f"{judge(qlo - bhi, qhi - blo, 0.0, ' ns over bpftrace')})")
+        out.insert(0, line)
     up = _find(tables, "uprobes", "Uprobe path")
     if up is not None and FLOOR in up.rows and "qtrace" in up.rows:
-        ratios = [(_ratio(up, "qtrace", FLOOR, i), c) for i, c in enumerate(up.columns)]
-        worst = max((r for r in ratios if r[0] is not None), default=None)
-        if worst:
-            out.append(f"- uprobe path: qtrace's handler ≤ {worst[0]:.2f}× the floor's added "
-                       f"cost (worst: {worst[1]}; target ≤ 1.2×: "
-                       f"{'met' if worst[0] <= 1.2 else 'missed'})" + (
-                           "" if worst[0] <= 1.2 else " — the handler looks up the process "
-                           "and the catalog slot, counts, and writes a 120-byte event to the "
-                           "ring buffer (~150 ns); the floor returns at once. Lifecycle "
-                           "functions run a few times per VM event, never per instruction"))
+        judged = [(ratio_verdict(up, "qtrace", FLOOR, i, 1.2), c)
+                  for i, c in enumerate(up.columns)]
+        judged = [(rv, c) for rv, c in judged if rv is not None]
+        if judged:
+            (worst, word), col = max(judged, key=lambda j: j[0][0])
+            out.append(f"- uprobe path: qtrace's handler ≤ {worst:.2f}× the floor's added "
+                       f"cost (worst: {col}; target ≤ 1.2×: {word}); per column: " +
+                       "; ".join(f"{c} {r:.2f}× ({w})" for (r, w), c in judged))
         if "gdb breakpoints" in up.rows:
-            per = [(up.added("gdb breakpoints", i) / up.added("qtrace", i), c)
-                   for i, c in enumerate(up.columns) if up.added("qtrace", i) > 0]
-            best, worst = max(per), min(per)
-            out.append(f"- gdb breakpoints cost {best[0]:,.0f}× qtrace's added cost per hit "
-                       f"where the first instruction is emulated ({best[1]}), {worst[0]:,.0f}× "
-                       f"where it is single-stepped ({worst[1]}) (target ≥ 100×: "
-                       f"{'met' if worst[0] >= 100 else 'met for emulated entries only'})" + (
-                           "" if worst[0] >= 100 else " — a single-stepped uprobe costs ~4 µs "
-                           "itself (two traps), so any uprobe tracer is only ~25× cheaper "
-                           "than gdb there; most lifecycle functions start with an emulated "
-                           "`push` (table below)"))
+            out.append("- gdb breakpoints' added cost per hit over qtrace's: " +
+                       many_times(up, "gdb breakpoints", "qtrace", 100))
     vm = _find(tables, "vm")
     if vm is not None and "qtrace daemon" in vm.rows:
         for col in (1, 2):
             base, add = vm.median(BASELINE, col), vm.added("qtrace daemon", col)
-            pct = add / base * 100
-            lo, hi = vm.rows[BASELINE][col].spread
-            out.append(f"- {vm.columns[col]}: traced adds {add:+.2f} ms to {base:.1f} ms "
-                       f"untraced ({pct:+.1f}%, paired medians; target within 5%: "
-                       f"{'met' if pct <= 5 else 'not shown'})" + (
-                           "" if -5 <= pct <= 5 else f" — the untraced runs alone spread "
-                           f"{lo:.1f}–{hi:.1f} ms (QEMU's main loop wakes on its own timers), "
-                           "wider than any cost of tracing; five runs cannot resolve 5%"))
+            lo, hi = (v / base * 100 for v in interval(vm, "qtrace daemon", col))
+            out.append(f"- {vm.columns[col]}: traced adds {add:+.2f} ms to {base:.2f} ms "
+                       f"untraced ({add / base * 100:+.1f}%, paired medians; target within 5%: "
+                       f"{judge(lo, hi, 5.0, '%')})")
     rest = _find(tables, "daemon", "The daemon at rest")
     if rest is not None:
         for row in rest.rows:
             cpu, rss = rest.median(row, 0), rest.median(row, 2)
             out.append(f"- daemon with {row}: {cpu:.3f}% of a core idle, {rss:.1f} MB RSS "
-                       f"(targets ≤ 0.1%, ≤ 60 MB: {'met' if cpu <= 0.1 else 'missed'}, "
-                       f"{'met' if rss <= 60 else 'missed'})")
+                       f"(targets ≤ 0.1%, ≤ 60 MB: {judge(*interval(rest, row, 0), 0.1, '%')}, "
+                       f"{judge(*interval(rest, row, 2), 60, ' MB')})")
     scrape = _find(tables, "daemon", "/metrics at scale")
     if scrape is not None:
         for row in scrape.rows:
@@ -142,7 +156,8 @@ def headline(tables: list[tuple[str, Table]]) -> list[str]:
                 continue
             w, m = res.median(row, 0), res.median(row, 2)
             out.append(f"- full-DWARF resolution ({row}): {w:.2f} s, {m:.0f} MB (targets ≤ 2 s, "
-                       f"≤ 200 MB: {'met' if w <= 2 and m <= 200 else 'missed'})")
+                       f"≤ 200 MB: {judge(*interval(res, row, 0), 2, ' s')}, "
+                       f"{judge(*interval(res, row, 2), 200, ' MB')})")
     return out
 
 
@@ -161,8 +176,10 @@ def render_report(meta: dict, tables: list[tuple[str, Table]]) -> str:
               "configuration's differences with those paired baselines, and `(n× floor)` its "
               "added cost over the floor's (empty BPF programs on the same hooks, attached "
               "the same way). Workloads are small C programs (`benchmarks/c/`) that wait "
-              "until the tracer is attached before timing.", ""]
+              "until the tracer is attached before timing.", "", RULE, ""]
+    where = f"kernel {meta.get('kernel', '?')}, kernel hook {meta.get('kernel_hook', '?')}"
     for _section, t in tables:
         ratio = FLOOR if FLOOR in t.rows else None
         lines.append(markdown(t, ratio_to=ratio, added=BASELINE in t.rows))
+        lines.append(f"Ran on {where}.\n")
     return "\n".join(lines) + "\n"

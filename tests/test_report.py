@@ -1,0 +1,79 @@
+"""BENCHMARKS.md's words follow its numbers: synthetic results on each side of every rule
+(met, missed, not resolved) must get the matching word, whatever the figure."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import BASELINE, Table  # noqa: E402
+from report import FLOOR, RULE, headline, judge, render_report  # noqa: E402
+
+
+def paired(title: str, columns: tuple[str, ...], rows: dict[str, list[list[float]]],
+           base: float = 1000.0) -> Table:
+    """rows: per configuration, per column, the added costs of each repetition."""
+    t = Table(title, columns, "ns")
+    for _ in range(len(next(iter(rows.values()))[0])):
+        t.add(BASELINE, [base] * len(columns))
+    for row, per_col in rows.items():
+        for rep in range(len(per_col[0])):
+            added = [col[rep] for col in per_col]
+            t.add_paired(row, [base + a for a in added], [base] * len(columns))
+    return t
+
+
+@pytest.mark.parametrize("lo,hi,target,word", [
+    (1.0, 1.1, 1.2, "met"), (1.25, 1.4, 1.2, "missed"), (1.1, 1.3, 1.2, "not resolved"),
+    (1.2, 1.2, 1.2, "met")])
+def test_the_rule(lo, hi, target, word):
+    assert judge(lo, hi, target).startswith(word)
+    # the same rule for "at least" targets, on the mirrored figure
+    assert judge(-hi, -lo, -target, at_least=True).startswith(word)
+
+
+def uprobe_line(qtrace: list[float], floor: list[float]) -> str:
+    t = paired("Uprobe path: per call", ("f_push",), {FLOOR: [floor], "qtrace": [qtrace]})
+    return next(ln for ln in headline([("uprobes", t)]) if ln.startswith("- uprobe path"))
+
+
+def test_uprobe_ratio_words_follow_the_numbers():
+    assert "target ≤ 1.2×: met" in uprobe_line([110, 111, 112, 113, 114], [100] * 5)
+    assert "target ≤ 1.2×: missed" in uprobe_line([160, 161, 162, 163, 164], [100] * 5)
+    line = uprobe_line([100, 110, 120, 130, 140], [100] * 5)
+    assert "target ≤ 1.2×: not resolved: this run places it at 1–1.4×" in line
+    assert "1.20×" in line  # the median's ratio, printed as measured
+
+
+def reset_line(added_ms: list[float], base_ms: float = 2.6) -> str:
+    t = Table("A real VM", ("boot", "system_reset (QMP)", "device_add CPU (QMP)"), "ms")
+    for a in added_ms:
+        t.add(BASELINE, [100.0, base_ms, base_ms])
+        t.add_paired("qtrace daemon", [100.0, base_ms + a, base_ms + a], [100.0, base_ms,
+                                                                             base_ms])
+    return next(ln for ln in headline([("vm", t)]) if ln.startswith("- system_reset"))
+
+
+def test_reset_cost_words_follow_the_numbers():
+    """The case that was printed wrong: +0.48 ms on 2.6 ms, tight runs — measured, missed."""
+    line = reset_line([0.46, 0.47, 0.48, 0.49, 0.50])
+    assert "+18.5%" in line and "target within 5%: missed" in line
+    assert "cannot resolve" not in line and "not shown" not in line
+    assert "target within 5%: met" in reset_line([0.01, 0.02, 0.03, 0.02, 0.01])
+    wide = reset_line([-0.5, 0.0, 0.05, 0.3, 0.6])
+    assert "target within 5%: not resolved: this run places it at -19.2–23.1%" in wide
+
+
+def test_every_verdict_in_a_report_is_one_of_the_rules_words():
+    up = paired("Uprobe path: per call", ("f_push", "f_mov"),
+                {FLOOR: [[100] * 5, [200] * 5], "qtrace": [[110] * 5, [400] * 5],
+                 "gdb breakpoints": [[20000] * 5, [5000] * 5]})
+    report = render_report({"kernel": "6.1.0-test", "kernel_hook": "fentry"}, [("uprobes", up)])
+    assert RULE in report and "Ran on kernel 6.1.0-test, kernel hook fentry." in report
+    heads = report.split("## Headline")[1].split("## Machine")[0]
+    assert "f_push 1.10× (met)" in heads and "f_mov 2.00× (missed)" in heads
+    assert "f_push [push %rbp]" not in heads
+    assert "f_push **182×** (met)" in heads and "f_mov **12×** (missed)" in heads
