@@ -138,8 +138,9 @@ class QtraceDaemon(Tracer):
 
 
 class QtraceUprobes(Tracer):
-    """qtrace's own uprobe handler (a catalog `mark` slot: count + event), attached the way
-    the daemon attaches (uprobe_multi links), the process tracked, its events drained."""
+    """qtrace's own uprobe handler (a catalog `mark` slot, built as the daemon builds it: a
+    count, no event), attached the way the daemon attaches (uprobe_multi links), the process
+    tracked, its ring buffer drained."""
 
     name = "qtrace"
 

@@ -2,7 +2,8 @@
 // qtrace: when, on which vCPU and in which lifecycle phase does QEMU write vCPU state
 // into KVM?  Uprobes on QEMU lifecycle functions open/close phase windows; one kernel
 // hook on KVM ioctls counts (and decodes) the state writes.  Counting happens here, in
-// maps read by user space at its own pace; the ring buffer only carries (rare) events.
+// maps read by user space at its own pace; the ring buffer carries the daemon only exec
+// and exit, and watch every event.
 //
 // The kernel hook is chosen at compile time: QTRACE_HOOK_FENTRY, QTRACE_HOOK_KPROBE or
 // QTRACE_HOOK_TRACEPOINT (syscalls:sys_enter/exit_ioctl).  All three feed ioctl_enter()
@@ -385,8 +386,12 @@ int kretp_kvm_ioctl(struct pt_regs *ctx) {
 
 // ---------------------------------------------------------------- QEMU uprobes
 
+// Lifecycle and step events are for watch (QTRACE_WRITE_EVENTS: the live view).  The daemon
+// counts lifecycle hits and step durations in maps; an event per hit would only wake it
+// (a reset passes through a dozen probes) and cost each hit a 120-byte record.
 static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct proc_state *ps,
                                            u64 arg1, u64 arg2, u32 level) {
+#ifdef QTRACE_WRITE_EVENTS
     struct event e;
     init_event(&e, K_LIFECYCLE, ps->vm, tgid, tid);
     e.id = id;
@@ -395,6 +400,7 @@ static __always_inline void emit_lifecycle(u32 tgid, u32 tid, u32 id, struct pro
     e.arg1 = arg1;
     e.arg2 = arg2;
     submit(&e);
+#endif
 }
 
 // ---------------------------------------------------------------- step durations
@@ -432,6 +438,7 @@ static __always_inline void step_done(struct proc_state *ps, u32 step, u64 end, 
         __sync_fetch_and_add(sum, ns);
     else
         failed(M_STEP_DURATIONS);
+#ifdef QTRACE_WRITE_EVENTS
     struct event e;
     init_event(&e, K_STEP, ps->vm, tgid, tid);
     e.id = step;
@@ -439,6 +446,7 @@ static __always_inline void step_done(struct proc_state *ps, u32 step, u64 end, 
     e.cause = step == S_RESET ? ps->cause : 0;
     e.arg1 = ns;
     submit(&e);
+#endif
 }
 
 // A put returned on thread `tid`: it may end the reset or hotplug step.

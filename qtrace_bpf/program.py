@@ -30,8 +30,9 @@ class QtraceProgram(RunningProgram):
     """The BPF program for every traced QEMU binary and process.
 
     discovery: the kernel tracks QEMU processes from their exec (daemon).
-    write_events: every state write is also a ring-buffer event (watch); otherwise the
-    ring buffer carries exec/exit/lifecycle only and counts live in maps.
+    write_events: every state write, lifecycle hit and step is also a ring-buffer event
+    (watch's live view); otherwise the ring buffer carries exec/exit only (the daemon's
+    discovery) and everything else is counted in maps.
     pins: maps and links pinned there outlive this process (the loader).
     """
 
