@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from harness import Table, build, run_shuffled  # noqa: E402
+from reset_breakdown import reset_breakdown  # noqa: E402
 from tracers import (  # noqa: E402
     Bpftrace,
     Floor,
@@ -619,8 +620,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qtrace-bench-") as tmp:
         ctx = Ctx(reps, scale, Path(tmp), hooks_in_use())
         sections = {"ioctl": ioctl_path, "bystanders": bystanders, "uprobes": uprobe_path,
-                    "vm": real_vm, "daemon": daemon_costs, "resolution": resolution,
-                    "placement": placement}
+                    "vm": real_vm, "reset": reset_breakdown, "daemon": daemon_costs,
+                    "resolution": resolution, "placement": placement}
         tables: list[tuple[str, Table]] = []
         for name, fn in sections.items():
             if args.only and name not in args.only:

@@ -27,8 +27,8 @@ def test_bench_smoke(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     results = json.loads((tmp_path / "benchmarks" / "results.json").read_text())
     sections = {t["section"] for t in results["tables"]}
-    assert sections == {"ioctl", "bystanders", "uprobes", "vm", "daemon", "resolution",
-                        "placement"}
+    assert sections == {"ioctl", "bystanders", "uprobes", "vm", "reset", "daemon",
+                        "resolution", "placement"}
     for t in results["tables"]:
         assert f"### {t['title']}" in report
     ioctl = next(t for t in results["tables"] if t["section"] == "ioctl")

@@ -10,7 +10,8 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from harness import BASELINE, Table  # noqa: E402
-from report import FLOOR, RULE, headline, judge, render_report  # noqa: E402
+from report import FLOOR, RULE, breakdown, headline, judge, render_report  # noqa: E402
+from reset_breakdown import RUNNING, STOPPED  # noqa: E402
 
 
 def paired(title: str, columns: tuple[str, ...], rows: dict[str, list[list[float]]],
@@ -77,3 +78,19 @@ def test_every_verdict_in_a_report_is_one_of_the_rules_words():
     assert "f_push 1.10× (met)" in heads and "f_mov 2.00× (missed)" in heads
     assert "f_push [push %rbp]" not in heads
     assert "f_push **182×** (met)" in heads and "f_mov **12×** (missed)" in heads
+
+
+def test_the_reset_breakdown_adds_up_and_judges_the_total():
+    t = Table("Where a traced system_reset's time goes", ("system_reset (QMP)", "hits",
+                                                          "switches"), "ms")
+    for rep in range(5):
+        t.add(BASELINE, [2.0, 0, 0])
+        t.add_paired(RUNNING, [2.0 + 0.6 + rep * 0.01, 12, 20], [2.0, 0, 0])
+        t.add(BASELINE, [2.0, 0, 0])
+        t.add_paired(STOPPED, [2.0 + 0.2 + rep * 0.01, 12, 0], [2.0, 0, 0])
+    lines = breakdown(t)
+    assert "target within 5%: missed" in lines[0] and "12 uprobe hits" in lines[0]
+    rows = {ln.split("|")[1].strip(): float(ln.split("|")[2].strip(" *+"))
+            for ln in lines if ln.startswith("  | ") and "ms per" not in ln}
+    probes, reaction, total = rows.values()
+    assert abs(probes + reaction - total) < 1e-9 and total == 0.62
