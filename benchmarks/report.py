@@ -61,15 +61,19 @@ def breakdown(t: Table) -> list[str]:
     that add up to the running daemon's +x by construction."""
     base = t.median(BASELINE, 0)
     total, probes = t.added(RUNNING, 0), t.added(STOPPED, 0)
-    lo, hi = (v / base * 100 for v in interval(t, RUNNING, 0))
+    (tlo, thi), (plo, phi) = interval(t, RUNNING, 0), interval(t, STOPPED, 0)
+    lo, hi = tlo / base * 100, thi / base * 100
     return [f"- system_reset of a 2-vCPU guest, {t.added(RUNNING, 1):.0f} uprobe hits and "
             f"{t.added(RUNNING, 2):.1f} daemon context switches per reset: traced adds "
             f"{total:+.3f} ms to {base:.3f} ms ({total / base * 100:+.1f}%; target within 5%: "
             f"{judge(lo, hi, 5.0, '%')}). Where it goes:", "",
-            "  | part of the added time | ms per reset |", "  |---|---|",
-            f"  | the probes, in the kernel (the daemon SIGSTOPped) | {probes:+.3f} |",
-            f"  | the daemon's reaction (running − stopped) | {total - probes:+.3f} |",
-            f"  | **total, the daemon running** | **{total:+.3f}** |", ""]
+            "  | part of the added time | ms per reset | this run's interval |", "  |---|---|---|",
+            f"  | the probes, in the kernel (the daemon SIGSTOPped) | {probes:+.3f} | "
+            f"{plo:+.3f} – {phi:+.3f} |",
+            f"  | the daemon's reaction (running − stopped) | {total - probes:+.3f} | "
+            f"{tlo - phi:+.3f} – {thi - plo:+.3f} |",
+            f"  | **total, the daemon running** | **{total:+.3f}** | {tlo:+.3f} – {thi:+.3f} |",
+            ""]
 
 
 def _find(tables: list[tuple[str, Table]], section: str, start: str = "") -> Table | None:

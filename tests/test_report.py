@@ -92,5 +92,6 @@ def test_the_reset_breakdown_adds_up_and_judges_the_total():
     assert "target within 5%: missed" in lines[0] and "12 uprobe hits" in lines[0]
     rows = {ln.split("|")[1].strip(): float(ln.split("|")[2].strip(" *+"))
             for ln in lines if ln.startswith("  | ") and "ms per" not in ln}
+    assert "| +0.600 – +0.640 |" in lines[-2]  # the total's interval, as measured
     probes, reaction, total = rows.values()
     assert abs(probes + reaction - total) < 1e-9 and total == 0.62
