@@ -85,6 +85,12 @@ def test_web_systemd_socket_serves_on_the_socket_systemd_passes(tmp_path, nothin
     reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
     reader.start()
     try:
+        import time
+
+        deadline = time.monotonic() + 30  # systemd-socket-activate says when it listens
+        while not any("Listening on" in line for line in log):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(log)
+            time.sleep(0.05)
         # the first connection waits in the socket's backlog while the daemon starts
         assert "qtrace_build_info{" in http_get(f"http://127.0.0.1:{port}/metrics", timeout=90)
         with pytest.raises(OSError):  # the config's own listen address is not bound
