@@ -67,6 +67,17 @@ def traceable_functions(names: tuple[str, ...]) -> set[str] | None:
         return None
 
 
+def ftrace_calls(function: str) -> bool | None:
+    """Does ftrace call a trampoline at `function` (tracefs' enabled_functions lists it)?
+    None when tracefs cannot tell (not mounted, not readable)."""
+    root = tracefs_root()
+    try:
+        with open(os.path.join(root or TRACEFS, "enabled_functions")) as f:
+            return any(line.split(" ", 1)[0] == function for line in f)
+    except OSError:
+        return None
+
+
 def tracefs_root() -> str | None:
     for root in (TRACEFS, "/sys/kernel/debug/tracing"):
         if os.path.exists(os.path.join(root, "events")):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import time
 from collections.abc import Callable
 
 from . import abi, bpfsys, fentry, hooks, loading, maps, preflight
@@ -167,8 +168,24 @@ class QtraceProgram(RunningProgram):
                 short = f"qt_{kind}_{fn.split('_')[1]}"  # qt_fe_vcpu: the kernel's name
                 self._fentry_fds[name] = fentry.load(b.dump_func(name.encode()), short,
                                                      exit_, fn)
-                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))
+                self.links.link_with(name, f"f-{name}",
+                                     lambda fd, e=exit_, f=fn: self._live_link(fd, e, f))
                 self.hook_links.append(f"f-{name}")
+
+    def _live_link(self, prog_fd: int, exit_: bool, function: str) -> int:
+        """A fentry/fexit link whose trampoline ftrace really calls.  On Debian 13's 6.12
+        (under TCG) a link was seen attached while enabled_functions did not list its
+        function: the hook never ran and KVM_CREATE_VCPU went uncounted.  Link again."""
+        for attempt in range(1, 4):
+            link = fentry.link(prog_fd, exit_)
+            if hooks.ftrace_calls(function) is not False:
+                return link
+            os.close(link)
+            self.log("fentry link not live in ftrace, linking again", level="warning",
+                     function=function, attempt=attempt)
+            time.sleep(0.2)
+        raise QtraceError(f"fentry on {function}: linked 3 times, but ftrace never listed its "
+                          "trampoline in enabled_functions")
 
     def _close_fentry(self) -> None:
         while self._fentry_fds:
