@@ -195,12 +195,10 @@ WAIT
 } >"$run/run.sh"
 
 timeout=${QTRACE_VM_TIMEOUT:-1800}
-# Multi-threaded TCG.  Both modes have shown a fault in how TCG follows the guest kernel
-# rewriting its own code (docs/debian-hosts.md): multi-threaded, once in ~6 trixie boots the
-# guest died of "Oops: int3" at a static-key site; single-threaded, in 2 of 3 runs the fentry
-# trampoline patched into kvm_vm_ioctl never ran (the link attached, bpftool showed it), so
-# the VM-fd ioctls went uncounted.  The first is rarer and loud (the guest's first oops is
-# printed); as far as the evidence goes, both are TCG's, not qtrace's.
+# Multi-threaded TCG.  Once it let a trixie guest die of "Oops: int3" at a static-key site (a
+# breakpoint text_poke_bp had removed); single-threaded TCG is slower and did not help the
+# other fault seen here (kvm_vm_ioctl's fentry trampoline left out of ftrace: qtrace now
+# checks for that and links again).  See docs/debian-hosts.md.
 qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 3072 -nodefaults \
   -display none -no-reboot -kernel "$kernel" -initrd "$initrd" \
   -append "root=/dev/vda rw console=ttyS0 quiet mitigations=off panic=-1" \
