@@ -11,10 +11,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 from qemu.qmp.qmp_client import NegotiationError
 
 from .errors import QtraceError
@@ -48,6 +49,25 @@ class _Negotiating(QMPClient):
                 raise NegotiationError(f"QEMU answered qmp_capabilities with {reply!r}",
                                        ValueError(reply))
             return
+
+
+def connect_qmp(path: str, deadline: float,
+                alive: Callable[[], bool]) -> QEMUMonitorProtocol:
+    """Connect and negotiate, retrying a refusal while QEMU lives and time is left.
+
+    QEMU binds its socket before it listens: a connect in between is refused (seen in CI
+    with QEMU under strace, which widens that window)."""
+    while True:
+        qmp = QEMUMonitorProtocol(path)
+        qmp._qmp.__class__ = _Negotiating  # noqa: SLF001 - only _negotiate differs
+        try:
+            qmp.connect(negotiate=True)
+            return qmp
+        except ConnectError as e:
+            if not isinstance(e.exc, ConnectionRefusedError) or not alive() \
+                    or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
 
 
 class DemoQemu:
@@ -103,10 +123,9 @@ class DemoQemu:
                 raise QtraceError("QEMU did not open its QMP socket")
             time.sleep(0.02)
         _ = self.pid  # known from now on: close() kills QEMU itself, not only a wrapper
-        self.qmp = QEMUMonitorProtocol(self.qmp_path)
-        self.qmp._qmp.__class__ = _Negotiating  # noqa: SLF001 - only _negotiate differs
-        self.qmp.connect(negotiate=True)
-        self.events.extend(self.qmp._qmp.early)  # noqa: SLF001
+        qmp = connect_qmp(self.qmp_path, deadline, lambda: self.proc.poll() is None)
+        self.qmp = qmp
+        self.events.extend(qmp._qmp.early)  # noqa: SLF001
 
     @property
     def pid(self) -> int:

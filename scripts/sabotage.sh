@@ -106,6 +106,9 @@ run start_limit FAILED tests/test_systemd.py -k "apt_install or burst"
 # BENCHMARKS.md: a fixed sentence instead of the rule's word
 edit benchmarks/report.py "f\"{judge(lo, hi, 5.0, '%')})\")" "\"not shown)\")"
 run report_words FAILED tests/test_report.py
+# A test VM's QMP socket is connected even when QEMU has bound it but not yet listened
+edit qtrace_bpf/demo_qemu.py 'if not isinstance(e.exc, ConnectionRefusedError) or not alive()' 'if True or not alive()'
+run qmp_refused FAILED tests/test_units.py -k qmp_connect
 # The package: lintian clean, the demo not shipped, an administrator's files kept on purge
 edit debian/control 'Maintainer: Seed 1a4b9429 maintainers <maintainers@users.noreply.b-seed-1a4b9429.example>' 'Maintainer: qtrace developers <qtrace-devel@localhost>'
 run lintian FAILED tests/test_package.py -k "lintian"
