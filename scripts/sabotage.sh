@@ -117,7 +117,7 @@ run demo_shipped FAILED tests/test_package.py -k "ships or no_demo"
 edit debian/qtrace.postrm '    rm -rf /var/cache/qtrace' '    rm -rf /var/cache/qtrace /etc/qtrace'
 run purge_keys FAILED tests/test_systemd.py -k "apt_install or purge"
 # Debian's own kernels (the guest tier, bookworm only: ~12 min a case, SABOTAGE_ONLY to pick)
-edit qtrace_bpf/program.py '                self.links.link_with(name, f"f-{name}", lambda fd, e=exit_: fentry.link(fd, e))' '                self.links.hold(fentry.link(self._fentry_fds[name], exit_))'
+edit qtrace_bpf/program.py 'self.links.link_with(name, f"f-{name}",' 'self.links.hold(self._live_link(self._fentry_fds[name], exit_, fn)) or (name, f"f-{name}",'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run fentry_pin FAILED tests/test_debian_hosts.py -k "bookworm and (nested_vm and auto or restart)"
 edit qtrace_bpf/fentry.py '    return found, module_btf_fd(module)' '    return found, None'
 QTRACE_DEBIAN_VM=1 SABOTAGE_TIMEOUT=2400 run module_btf FAILED tests/test_debian_hosts.py -k "bookworm and fentry"
