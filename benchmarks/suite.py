@@ -207,13 +207,17 @@ def uprobe_path(ctx: Ctx) -> tuple[Table, Table]:
 
     cat = load_catalog()
     bins = qemu_binaries()
-    classes = Table("First instruction of every probed function, per QEMU binary (uprobe "
-                    "cost class: emulated is cheap, single-stepped ~10x dearer)",
+    classes = Table("First instruction of every probed function, per QEMU binary, and where "
+                    "the entry probe sits when that one is single-stepped (uprobe cost class: "
+                    "emulated is cheap, single-stepped ~10x dearer)",
                     tuple(binary_name(b) for b in bins), "")
     for col, binary in enumerate(bins):
         for att in plan_probes(cat, resolve(cat, binary, binary)):
             row = classes.text.setdefault(att.probe.event, ["—"] * len(bins))
-            if att.symbol is not None:
+            if att.symbol is not None and att.entry_offset(False) != att.symbol.offset:
+                row[col] = (f"`{att.symbol.first_insn}`, probed at +{att.symbol.entry_at} "
+                            f"`{att.symbol.entry_insn}`: emulated")
+            elif att.symbol is not None:
                 row[col] = (f"`{att.symbol.first_insn}` "
                             f"{'emulated' if att.symbol.emulated else 'single-stepped'}")
             elif att.usdt_sites:

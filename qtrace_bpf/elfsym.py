@@ -22,7 +22,7 @@ from .debugfiles import DEFAULT_DEBUG_ROOTS, DebugSearch
 from .debuginfod import Debuginfod
 from .dwarf_inline import DwarfFile, inlined_instances
 from .errors import ElfError
-from .first_insn import classify
+from .first_insn import MAX_FUNCTION_READ, describe
 
 # GCC clones of a function: entering one means the function ran (`.cold` is a split-off
 # tail, never an entry, so it is not one of them).  .isra/.constprop drop or reorder
@@ -48,6 +48,10 @@ class Symbol:
     binding: str
     first_insn: str = ""
     emulated: bool | None = None  # None: not known
+    # first_insn.emulated_site: a cheaper entry (0: none), its insn, the registers written before
+    entry_at: int = 0
+    entry_insn: str = ""
+    entry_writes: list[int] = field(default_factory=list)
 
     @property
     def is_clone(self) -> bool:
@@ -179,12 +183,6 @@ class ElfSymbols:
         self._tables = tables
         return tables
 
-    # -- lookups -------------------------------------------------------------------
-
-    def first_insn(self, offset: int) -> tuple[str, bool | None]:
-        self._stream.seek(offset)
-        return classify(self._stream.read(8))
-
     def lookup(self, name: str) -> list[Symbol]:
         """Every location for `name` from the first source that has it."""
         for source, table in self.tables():
@@ -201,9 +199,10 @@ class ElfSymbols:
                     self.problems.append(f"{source}: {sym_name} at {vaddr:#x} is outside "
                                          "the binary's executable segments: ignored")
                     continue
-                insn, emulated = self.first_insn(offset)
+                self._stream.seek(offset)  # the code: its first instruction and a cheaper entry
+                code = self._stream.read(size if 0 < size <= MAX_FUNCTION_READ else 8)
                 out.append(Symbol(sym_name, name, vaddr, size, offset, source,
-                                  bind.replace("STB_", "").lower(), insn, emulated))
+                                  bind.replace("STB_", "").lower(), *describe(code, size)))
             if out:
                 return out
         return []

@@ -40,6 +40,9 @@ def symbols_report(binary: str | None, pid: int | None,
                        address=f"{s.vaddr:#x}", offset=f"{s.offset:#x}", size=s.size,
                        binding=s.binding, first_insn=s.first_insn, emulated=s.emulated,
                        args_read=att.trust_args, lost=att.lost_detail, notes=att.notes)
+            at = att.entry_offset(False) - s.offset
+            if at:  # the entry probe sits on a later, emulated instruction (first_insn.py)
+                row.update(probed_at=f"+{at}", probed_insn=s.entry_insn)
         elif att.usdt_sites:
             site = att.usdt_sites[0]
             row.update(function=att.function, symbol=f"{att.usdt} ({len(att.usdt_sites)} site(s))",
@@ -89,7 +92,9 @@ def run_symbols(binary: str | None, pid: int | None, as_json: bool,
             inl = {True: " INLINED-SOMEWHERE", False: "", None: ""}[row["inlined"]]
             click.echo(f"  ok       {row['event']:<16} {row['symbol']:<34} {row['source']:<14} "
                        f"addr {row['address']} off {row['offset']} size {row['size']} "
-                       f"[{row['first_insn']}]{inl}")
+                       f"[{row['first_insn']}"
+                       + (f" -> {row['probed_at']} {row['probed_insn']}" if "probed_at" in row
+                          else "") + f"]{inl}")
             for note in row["notes"]:
                 click.echo(f"           {'':<16} note: {note}")
         else:

@@ -325,6 +325,11 @@ def test_symbols_command_json(fixtures):
     assert not events["set_tsc_khz"]["resolved"]
     assert "debug symbols" in events["set_tsc_khz"]["missing"]
     assert events["vcpu_create"]["missing"].endswith("(exists since 9.2)")
+    # the per-vCPU reset step of Debian's 7.2 (xor; lea; jmp) is probed on its jmp
+    assert events["sync_post_reset"]["first_insn"] == "xor", events["sync_post_reset"]
+    assert (events["sync_post_reset"]["probed_at"], events["sync_post_reset"]["probed_insn"]) \
+        == ("+9", "jmp rel32")
+    assert "probed_at" not in events["system_reset"]  # push %rbp: emulated where it is
 
 
 def test_wrong_architecture(fixtures, tmp_path):
@@ -468,3 +473,54 @@ def test_symbols_explains_what_a_clone_loses(fixtures):
     assert att.lost_detail == ["the put level (its writes carry none)"]
     assert "GCC clone cloned_step.constprop.0" in att.notes[0]
     assert "lost: the put level" in att.notes[0]
+
+
+def test_entry_probe_moves_past_single_stepped_instructions(bpf_caps, tmp_path, nothing_left):
+    """A function whose first instruction the kernel single-steps (~20x an emulated hit) is
+    probed at its first emulated one when nothing before it matters; counts and arguments
+    stay exact, and a probe stays at the entry where moving it would change them."""
+    from qtrace_bpf import abi
+    from qtrace_bpf.binaries import QemuBinaries
+    from qtrace_bpf.catalog import parse_catalog
+    from qtrace_bpf.program import QtraceProgram
+
+    exe = tmp_path / "entry_sites"
+    subprocess.run(["gcc", "-O2", "-o", exe, ROOT / "tests" / "c" / "entry_sites.c"],
+                   check=True)
+    probes = {"tail_call": "mark", "cmp_then_push": "reset", "test_then_jcc": "mark",
+              "clobbers_arg": "reset", "loops_back": "mark"}
+    catalog = parse_catalog("".join(
+        f'[[probe]]\nevent = "{fn}"\nfunctions = ["{fn}"]\naction = "{action}"\n' +
+        ('arg1 = "shutdown_cause"\n' if action == "reset" else "")
+        for fn, action in probes.items()))
+    res = elfsym.resolve(str(exe), catalog.functions)
+    with QtraceProgram(catalog) as prog:
+        plan = QemuBinaries(catalog, prog.attach_binary).get(str(exe), str(exe), res)
+        start = {att.function: att.symbol.offset for att in plan.attached}
+        placed = {(att.probe.slot, kind): off for off, att_slot, kind, _ in plan.uprobes()
+                  for att in plan.attached if att.probe.slot == att_slot}
+        moved = {att.function: (placed[att.probe.slot, "entry"] - start[att.function],
+                                placed.get((att.probe.slot, "return"), start[att.function])
+                                - start[att.function]) for att in plan.attached}
+        # +9: past xor and lea (registers no catalog argument is read from) to the jmp;
+        # +7: past a cmp to the push, for the return probe too (the stack is untouched);
+        # +3: to the je.  Not moved: an entry after xor %edi (arg1, read; its return probe
+        # reads no argument: +2), anything in a function that loops back to +3.
+        assert moved == {"tail_call": (9, 0), "cmp_then_push": (7, 7), "test_then_jcc": (3, 0),
+                         "clobbers_arg": (0, 2), "loops_back": (0, 0)}, moved
+        proc = subprocess.Popen([str(exe), "6", "wait"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        try:
+            vm_id = 0x80000003
+            prog.maps.insert_proc(proc.pid, vm_id, boot_done=True)
+            release(proc)
+        finally:
+            proc.kill()
+            proc.wait()
+        counts = {catalog.probes[k.probe].event: v
+                  for k, v in prog.maps.items(maps.LIFECYCLE.name) if k.vm == vm_id}
+        resets = {k.cause: v for k, v in prog.maps.items(maps.RESETS.name) if k.vm == vm_id}
+    assert counts == dict.fromkeys(probes, 6), counts  # loops_back moved: 24
+    # cmp_then_push(i) and clobbers_arg(i), i in 0..5: cause i read from edi, twice each
+    assert resets == {c: 2 for c in range(6)}, resets
+    assert abi.CAUSE_UNKNOWN not in resets
