@@ -109,6 +109,11 @@ run report_words FAILED tests/test_report.py
 # A test VM's QMP socket is connected even when QEMU has bound it but not yet listened
 edit qtrace_bpf/demo_qemu.py 'if not isinstance(e.exc, ConnectionRefusedError) or not alive()' 'if True or not alive()'
 run qmp_refused FAILED tests/test_units.py -k qmp_connect
+# An entry probe moved off a single-stepped instruction: never into a loop, never past an argument
+edit qtrace_bpf/first_insn.py '            if pos == 0 or any(0 < t <= pos for t in _jump_targets(code)):' '            if pos == 0:'
+run entry_jump FAILED tests/test_elfsym.py -k entry_probe_moves
+edit qtrace_bpf/binaries.py '        moved = sym.entry_at and not keep.intersection(sym.entry_writes)' '        moved = sym.entry_at'
+run entry_args FAILED tests/test_elfsym.py -k entry_probe_moves
 # The package: lintian clean, the demo not shipped, an administrator's files kept on purge
 edit debian/control 'Maintainer: Seed 1a4b9429 maintainers <maintainers@users.noreply.b-seed-1a4b9429.example>' 'Maintainer: qtrace developers <qtrace-devel@localhost>'
 run lintian FAILED tests/test_package.py -k "lintian"
