@@ -606,46 +606,57 @@ def versions() -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="whole runs of the suite; the report shows how far apart their "
+                         "headline figures land (scripts/bench.sh: 3)")
     ap.add_argument("--smoke", action="store_true", help="tiny N, 1 repetition, a temp output")
     ap.add_argument("--out", type=Path, default=HERE.parent)
     ap.add_argument("--only", nargs="*", default=None, help="section names to run")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render BENCHMARKS.md from benchmarks/results.json, measure nothing")
     args = ap.parse_args()
-    if args.report_only:
-        from report import render_report
+    from report import render_report
 
+    if args.report_only:
         saved = json.loads((args.out / "benchmarks" / "results.json").read_text())
-        tables = [(t["section"], Table.from_dict(t)) for t in saved["tables"]]
-        (args.out / "BENCHMARKS.md").write_text(render_report(saved["meta"], tables))
+        runs = [[(t["section"], Table.from_dict(t)) for t in run]
+                for run in saved.get("runs", [saved["tables"]])]
+        (args.out / "BENCHMARKS.md").write_text(render_report(saved["meta"], runs[-1], runs))
         return
     reps, scale = (1, 0.01) if args.smoke else (args.reps, 1.0)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="qtrace-bench-") as tmp:
-        ctx = Ctx(reps, scale, Path(tmp), hooks_in_use())
-        sections = {"ioctl": ioctl_path, "bystanders": bystanders, "uprobes": uprobe_path,
-                    "vm": real_vm, "reset": reset_breakdown, "daemon": daemon_costs,
-                    "resolution": resolution, "placement": placement}
-        tables: list[tuple[str, Table]] = []
-        for name, fn in sections.items():
-            if args.only and name not in args.only:
-                continue
-            t0 = time.monotonic()
-            got = fn(ctx)
-            for tab in got if isinstance(got, list | tuple) else [got]:
-                tables.append((name, tab))
-            print(f"bench: {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-    meta = {**versions(), "kernel_hook": ctx.hook, "repetitions": reps,
+    runs: list[list[tuple[str, Table]]] = []
+    for run in range(1, args.runs + 1):
+        with tempfile.TemporaryDirectory(prefix="qtrace-bench-") as tmp:
+            ctx = Ctx(reps, scale, Path(tmp), hooks_in_use())
+            runs.append(run_sections(ctx, args.only, f"run {run}/{args.runs}"))
+    meta = {**versions(), "kernel_hook": ctx.hook, "repetitions": reps, "runs": args.runs,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "seconds": round(time.monotonic() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"meta": meta, "tables": [{"section": s, **t.as_dict()} for s, t in tables]}
+    results = {"meta": meta, "tables": [{"section": s, **t.as_dict()} for s, t in runs[-1]],
+               "runs": [[{"section": s, **t.as_dict()} for s, t in run] for run in runs]}
     (args.out / "benchmarks").mkdir(exist_ok=True)
     (args.out / "benchmarks" / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    from report import render_report
-
-    (args.out / "BENCHMARKS.md").write_text(render_report(meta, tables))
+    (args.out / "BENCHMARKS.md").write_text(render_report(meta, runs[-1], runs))
     print(f"bench: wrote {args.out / 'BENCHMARKS.md'} in {meta['seconds']} s", file=sys.stderr)
+
+
+def run_sections(ctx: Ctx, only: list[str] | None, label: str) -> list[tuple[str, Table]]:
+    """One whole run of the suite (or of the sections asked for)."""
+    sections = {"ioctl": ioctl_path, "bystanders": bystanders, "uprobes": uprobe_path,
+                "vm": real_vm, "reset": reset_breakdown, "daemon": daemon_costs,
+                "resolution": resolution, "placement": placement}
+    tables: list[tuple[str, Table]] = []
+    for name, fn in sections.items():
+        if only and name not in only:
+            continue
+        t0 = time.monotonic()
+        got = fn(ctx)
+        for tab in got if isinstance(got, list | tuple) else [got]:
+            tables.append((name, tab))
+        print(f"bench: {label}: {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return tables
 
 
 def hooks_in_use() -> str:

@@ -117,6 +117,8 @@ run entry_args FAILED tests/test_elfsym.py -k entry_probe_moves
 # The in-flight gate: a write whose entry did not count itself is never seen at exit
 edit probes/qtrace.bpf.c '    else if (n)' '    else if (0)'
 run inflight_gate FAILED tests/test_watch_qemu.py -k "counts_equal"
+edit benchmarks/between_runs.py '        spread = max(got) - min(got)' '        spread = 0.0'
+run between_runs FAILED tests/test_report.py
 # The package: lintian clean, the demo not shipped, an administrator's files kept on purge
 edit debian/control 'Maintainer: Seed 1a4b9429 maintainers <maintainers@users.noreply.b-seed-1a4b9429.example>' 'Maintainer: qtrace developers <qtrace-devel@localhost>'
 run lintian FAILED tests/test_package.py -k "lintian"

@@ -95,3 +95,31 @@ def test_the_reset_breakdown_adds_up_and_judges_the_total():
     assert "| +0.600 – +0.640 |" in lines[-2]  # the total's interval, as measured
     probes, reaction, total = rows.values()
     assert abs(probes + reaction - total) < 1e-9 and total == 0.62
+
+
+def test_between_runs_shows_each_run_and_the_spread():
+    """Three runs of the suite: each headline figure per run and max − min between them; a
+    figure one run lacks is a dash, never a zero."""
+    from between_runs import between_runs
+
+    def run(qtrace_ns: float, with_uprobes: bool = True) -> list:
+        t = Table("BPF programs' own run time per traced ioctl", ("ns per ioctl",), "ns")
+        for _ in range(5):
+            t.add(FLOOR, [100.0])
+            t.add("qtrace daemon", [qtrace_ns])
+        tables = [("ioctl", t)]
+        if with_uprobes:
+            tables.append(("uprobes", paired("Uprobe path: per call", ("f_push",),
+                                             {FLOOR: [[100] * 5], "qtrace": [[110] * 5]})))
+        return tables
+
+    lines = between_runs([run(150), run(130), run(170, with_uprobes=False)])
+    assert lines[0] == "| figure | run 1 | run 2 | run 3 | spread between runs (max − min) |"
+    bpf = next(ln for ln in lines if ln.startswith("| BPF run time"))
+    assert bpf == "| BPF run time per traced ioctl, qtrace ÷ floor (×) | 1.5 | 1.3 | 1.7 | 0.4 |"
+    up = next(ln for ln in lines if ln.startswith("| uprobe path"))
+    assert up.endswith("| 1.1 | 1.1 | — | 0 |"), up
+    assert between_runs([run(150)]) == []  # one run: nothing between runs to show
+    report = render_report({}, run(170), [run(150), run(130), run(170)])
+    assert "## Headline (run 3 of 3)" in report and "## Between runs" in report
+    assert "## Between runs" not in render_report({}, run(150))
