@@ -57,7 +57,8 @@ def metric(port: int, name: str) -> float | None:
 
 class Daemon:
     def __init__(self, python: str, cwd: Path, port: int, pin_root: str, keep: bool):
-        cfg = Path(tempfile.mkdtemp(prefix="qtrace-bench-")) / "q.toml"
+        self.tmp = tempfile.mkdtemp(prefix="qtrace-bench-")  # removed by stop()
+        cfg = Path(self.tmp) / "q.toml"
         cfg.write_text(f'listen = "127.0.0.1:{port}"\nbpf_pin_root = "{pin_root}"\n'
                        f"keep_on_exit = {'true' if keep else 'false'}\nrescan_interval = 2\n")
         self.port = port
@@ -91,6 +92,7 @@ class Daemon:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def start_vms(n: int) -> list[subprocess.Popen]:

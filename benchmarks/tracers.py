@@ -92,11 +92,11 @@ class QtraceDaemon(Tracer):
         self.keep = keep  # keep_on_exit: leave the programs attached for the next start
         self.pin_root = pin_root
         self.proc: subprocess.Popen | None = None
-        self.tmp = tempfile.mkdtemp(prefix="qtrace-bench-")
 
     def start(self) -> None:
         import socket
 
+        self.tmp = tempfile.mkdtemp(prefix="qtrace-bench-")  # removed by stop()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -111,8 +111,9 @@ class QtraceDaemon(Tracer):
         deadline = time.monotonic() + 60
         while not self._get("/-/ready"):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("qtrace daemon did not get ready: "
-                                   + self.log.read_text()[-2000:])
+                why = self.log.read_text()[-2000:]
+                self.stop()  # the caller's finally covers only a started tracer
+                raise RuntimeError("qtrace daemon did not get ready: " + why)
             time.sleep(0.1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._scrape, daemon=True)
@@ -131,10 +132,12 @@ class QtraceDaemon(Tracer):
 
     def stop(self) -> None:
         if self.proc is not None:
-            self._stop.set()
+            if hasattr(self, "_stop"):
+                self._stop.set()
             self.proc.terminate()
             self.proc.wait(60)
             self.proc = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class QtraceUprobes(Tracer):
