@@ -65,11 +65,11 @@ class Floor(Tracer):
 
     def attach(self, pid: int, exe: str) -> None:
         """The uprobes through one uprobe_multi link, as qtrace attaches its own."""
-        from qtrace_bpf import bpfsys, loading
+        from qtrace_bpf import bpfsys
 
         if self.offsets:
             fd = self.bpf.load_func(b"floor_uprobe", self.bpf.KPROBE, None,
-                                    loading.UPROBE_MULTI).fd
+                                    bpfsys.BPF_TRACE_UPROBE_MULTI).fd
             self._link = bpfsys.link_uprobe_multi(fd, exe, sorted(self.offsets), False)
 
     def detach(self) -> None:

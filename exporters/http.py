@@ -20,9 +20,10 @@ import errno
 import socket
 import ssl
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from qtrace_bpf.errors import RESOURCE_ERRNOS
+from qtrace_bpf.log import Log, null_log
 from qtrace_bpf.logfmt import RateLimited
 
 from .auth import AuthGate, Throttle, TokenBucket
@@ -32,7 +33,6 @@ from .tls import TlsContext, san_allowed
 from .webconfig import WebConfig
 
 MAX_HEADER = 16 * 1024
-_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass
@@ -57,14 +57,14 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"
 class Server:
     def __init__(self, app: App, addresses: list[tuple[str, int]], *,
                  web: WebConfig | None = None, limits: Limits | None = None,
-                 log: Callable[..., None] | None = None,
+                 log: Log | None = None,
                  sockets: list[socket.socket] | None = None):
         self.app = app
         self.addresses = addresses
         self.sockets = sockets or []  # already listening (systemd socket activation)
         self.web = web or WebConfig()
         self.limits = limits or Limits()
-        self.log = log or (lambda _msg, **_kw: None)
+        self.log = log or null_log
         self.tls = TlsContext(self.web, self.log) if self.web.tls else None
         self.auth = AuthGate(BasicAuth(self.web.users), self.limits.auth_workers,
                              self.limits.auth_queue,
@@ -144,7 +144,7 @@ class Server:
         """asyncio's report of an error no task awaited (e.g. its accept loop hitting
         EMFILE, after which it pauses accepting for a second): counted, rate-limited."""
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
             name = errno.errorcode.get(exc.errno, str(exc.errno))
             self.resource_errors[name] = self.resource_errors.get(name, 0) + 1
             self.log_limited(f"http_{name}", "HTTP server out of resources: connections "

@@ -12,10 +12,10 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from qtrace_bpf.errors import QtraceError
+from qtrace_bpf.log import Log, null_log
 
 CLIENT_AUTH = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
                "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
@@ -66,9 +66,9 @@ class TlsContext:
     """An SSLContext rebuilt when the certificate files change (checked at most each second).
     A rebuild that fails (files half-written by a rotation) keeps the previous context."""
 
-    def __init__(self, cfg: Any, log: Callable[..., None] | None = None):  # a WebConfig
+    def __init__(self, cfg: Any, log: Log | None = None):  # a WebConfig
         self.cfg = cfg
-        self.log = log or (lambda _msg, **_kw: None)
+        self.log = log or null_log
         self._files = [f for f in (cfg.cert_file, cfg.key_file, cfg.client_ca_file) if f]
         self._stamp: tuple | None = None
         self._ctx: ssl.SSLContext | None = None

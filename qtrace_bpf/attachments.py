@@ -16,14 +16,13 @@ from collections.abc import Callable
 from . import bpfsys, perf_events
 from .binaries import AttachPlan
 from .errors import AttachError
+from .log import Log
 from .pins import PinDir
-
-Log = Callable[..., None]
 
 
 class Attachments:
     """multi: uprobes as uprobe_multi links (one per binary and handler), for programs
-    loaded for them (loading.UPROBE_MULTI); else one perf event and link per uprobe."""
+    loaded for them (bpfsys.BPF_TRACE_UPROBE_MULTI); else one perf event and link per uprobe."""
 
     def __init__(self, prog_fd: Callable[[str], int], pins: PinDir | None, log: Log,
                  multi: bool = False):

@@ -21,6 +21,7 @@ from .debuginfod import Debuginfod
 from .elf import UsdtSite
 from .elfsym import Resolution, Symbol
 from .errors import AttachError, ElfError
+from .log import Log, null_log
 
 UNTRUSTED_REMEMBERED = 1024  # files logged once each; older ones may be logged again
 
@@ -188,7 +189,7 @@ class QemuBinaries:
     def __init__(self, catalog: Catalog, attach: Callable[[AttachPlan], None],
                  debug_roots: tuple[str, ...] = DEFAULT_DEBUG_ROOTS,
                  debuginfod: Debuginfod | None = None,
-                 log: Callable[..., None] | None = None, *,
+                 log: Log | None = None, *,
                  detach: Callable[[AttachPlan], None] | None = None,
                  trusted_uids: tuple[int, ...] = TRUSTED_UIDS,
                  isolate: bool = False, limits: resolver.Limits = resolver.DEFAULT_LIMITS,
@@ -198,7 +199,7 @@ class QemuBinaries:
         self._detach = detach
         self.debug_roots = debug_roots
         self.debuginfod = debuginfod
-        self.log = log or (lambda _msg, **_kw: None)
+        self.log = log or null_log
         self.trusted_uids = trusted_uids
         self.isolate, self.limits, self.tick = isolate, limits, tick
         self.plans: dict[FileKey, AttachPlan] = {}

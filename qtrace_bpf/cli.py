@@ -13,6 +13,7 @@ import click
 from . import hooks, version_text
 from .debugfiles import DEFAULT_DEBUG_ROOTS
 from .errors import QtraceError
+from .log import null_log
 
 HOOK_CHOICE = click.Choice(["auto", *hooks.MODES])
 
@@ -28,7 +29,7 @@ class _Group(click.Group):
             if os.environ.get("NOTIFY_SOCKET"):  # under systemd: `systemctl status` says why
                 from .service import Notifier
 
-                Notifier(lambda *_a, **_k: None).send(f"STATUS=qprobe: error: {exc}"[:2000])
+                Notifier(null_log).send(f"STATUS=qprobe: error: {exc}"[:2000])
             sys.exit(exc.exit_code)
 
 

@@ -22,14 +22,13 @@ from .binaries import QemuBinaries
 from .catalog import load_catalog
 from .config import Config
 from .debuginfod import Debuginfod
-from .errors import AttachError, QtraceError
+from .errors import RESOURCE_ERRNOS, AttachError, QtraceError
 from .logfmt import RateLimited, logger_fn, setup
 from .pinned import PinnedProgram
 from .service import Notifier, Signals, sock_address, systemd_sockets
 from .tracker import TracedVm, Tracker
 
 log = logging.getLogger("qtrace")
-RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
 STUCK_AFTER = 30.0  # seconds without a turn of the main loop: not alive
 # fds kept for what is not a connection: BPF maps and programs, the uprobe links of a few
 # QEMU binaries (one each), /proc reads, log and notify sockets, the render threads' files
@@ -182,7 +181,7 @@ class Daemon:
 
     @contextlib.contextmanager
     def resources(self, during: str):
-        """Out of fds or memory (EMFILE, ENFILE, ENOMEM) is counted and retried at the next
+        """Out of fds, memory or buffers (errors.RESOURCE_ERRNOS) is counted and retried at the next
         turn of the loop, never fatal; one log line a minute per kind."""
         try:
             yield

@@ -1,4 +1,11 @@
-"""One error type for user-facing failures: the CLI prints its message, never a traceback."""
+"""One error type for user-facing failures: the CLI prints its message, never a traceback;
+and which OS errors mean "out of a resource" rather than a fault."""
+
+import errno
+
+# Out of fds, memory or socket buffers: counted and retried by the daemon and the HTTP
+# server, never fatal (the next turn of the loop or the next accept may have room).
+RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class QtraceError(Exception):

@@ -20,16 +20,15 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import abi, bpfsys, hooks, loading, pins
 from .catalog import Catalog, bpf_source, load_catalog
 from .errors import QtraceError
+from .log import Log
 from .pins import PinDir, remove_pins
 
 HANDLER_KINDS = ("entry", "return", "blind")
-Log = Callable[..., None]
 
 
 @dataclass

@@ -15,7 +15,6 @@ from . import abi, hooks
 from .preflight import resource_problem
 
 LOAD_ATTEMPTS = 4
-UPROBE_MULTI = 48  # BPF_TRACE_UPROBE_MULTI: the expected attach type of uprobe handlers
 
 
 def uprobe_mode() -> str:

@@ -9,18 +9,16 @@ ring buffer is read with libbpf: the long-lived process maps no compiler.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from . import abi, bpfsys, maps
 from .attachments import Attachments
 from .catalog import Catalog
 from .errors import QtraceError
 from .loader import Manifest
+from .log import Log, null_log
 from .pins import PinDir
 from .runtime import RunningProgram
 from .vmmaps import VmMaps
-
-Log = Callable[..., None]
 
 
 class PinnedProgram(RunningProgram):
@@ -32,7 +30,7 @@ class PinnedProgram(RunningProgram):
         super().__init__()
         self.catalog = catalog
         self.pins = pins
-        self.log = log or (lambda _msg, **_kw: None)
+        self.log = log or null_log
         self.manifest = manifest
         self.hook_mode = manifest.hook
         self.uprobes = manifest.uprobes  # "multi" or "perf": how uprobes attach

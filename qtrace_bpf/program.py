@@ -13,18 +13,16 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import time
-from collections.abc import Callable
 
 from . import abi, bpfsys, fentry, hooks, loading, maps, preflight
 from .attachments import Attachments
 from .catalog import Catalog, bpf_source
 from .errors import QtraceError
 from .kvm_ioctls import STATE_WRITES
+from .log import Log, null_log
 from .pins import PinDir
 from .runtime import RunningProgram
 from .vmmaps import VmMaps
-
-Log = Callable[..., None]  # log(msg, level="info", **fields)
 
 
 class QtraceProgram(RunningProgram):
@@ -46,7 +44,7 @@ class QtraceProgram(RunningProgram):
         self.bcc_version = getattr(self.bcc, "__version__", "")
         preflight.check_kernel_headers()
         self.catalog = catalog
-        self.log = log or (lambda _msg, **_kw: None)
+        self.log = log or null_log
         self.discovery = discovery
         self.write_events = write_events
         self.max_vms, self.max_vcpus = max_vms, max_vcpus
@@ -198,7 +196,7 @@ class QtraceProgram(RunningProgram):
         kind = self.bcc.BPF.TRACEPOINT if name.startswith("tp_") else self.bcc.BPF.KPROBE
         multi = self.uprobes == "multi" and name.startswith("qt_")
         return self.bpf.load_func(name.encode(), kind, None,
-                                  loading.UPROBE_MULTI if multi else -1).fd
+                                  bpfsys.BPF_TRACE_UPROBE_MULTI if multi else -1).fd
 
     def _map(self, name: str) -> bpfsys.Map:
         key, value = maps.TYPES[name]

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from . import abi, targets
 from .binaries import AttachPlan, QemuBinaries
 from .errors import AttachError, QtraceError
+from .log import Log, null_log
 from .targets import Target
 from .vmmaps import TrackerMaps
-
-Log = Callable[..., None]  # log(msg, level="info", **fields)
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Tracker:
         self.binaries = binaries
         self.max_vms = max_vms
         self.grace = grace
-        self.log = log or (lambda _msg, **_kw: None)
+        self.log = log or null_log
         self.lock = threading.RLock()
         self.vms: dict[int, TracedVm] = {}
         self.refused = 0  # VMs not traced: max_vms reached, or the procs map full
