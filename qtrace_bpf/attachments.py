@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable
 
 from . import bpfsys, perf_events
-from .binaries import AttachPlan
+from .binaries import AttachPlan, Uprobe
 from .errors import AttachError
 from .log import Log
 from .pins import PinDir
@@ -116,7 +116,7 @@ class Attachments:
                 self.pins.unpin(pin_name)
         self.uprobe_count -= count
 
-    def _multi(self, plan: AttachPlan, uprobes: list[tuple[int, int, str, int]],
+    def _multi(self, plan: AttachPlan, uprobes: list[Uprobe],
                used: list[str]) -> list[str]:
         """One uprobe_multi link per handler: its offsets in this file.  Pin names carry the
         offsets' digest: another build of the file at the same inode is another link."""

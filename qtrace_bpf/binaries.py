@@ -12,6 +12,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import elfsym, first_insn, resolver
 from .binfile import TRUSTED_UIDS, BinaryFile, FileKey, open_binary
@@ -24,6 +25,17 @@ from .errors import AttachError, ElfError
 from .log import Log, null_log
 
 UNTRUSTED_REMEMBERED = 1024  # files logged once each; older ones may be logged again
+
+
+class Uprobe(NamedTuple):
+    """One uprobe to attach in a binary file."""
+
+    offset: int  # file offset
+    slot: int  # the catalog probe it counts for
+    # "entry", "return", or "blind": an entry whose registers are not the function's
+    # arguments (a GCC clone that changes them, an inlined instance, a USDT site)
+    kind: str
+    semaphore: int  # a USDT site's enabling counter (file offset; 0: none)
 
 
 @dataclass
@@ -83,21 +95,19 @@ class AttachPlan:
         """catalog slot -> the function probed for it."""
         return {a.probe.slot: a.function for a in self.attached if a.ok and a.function}
 
-    def uprobes(self) -> list[tuple[int, int, str, int]]:
-        """(file offset, catalog slot, handler kind, semaphore offset) for every uprobe of
-        this plan: kind "entry" and "return", or "blind" (an entry whose registers are not
-        the function's arguments: a GCC clone that changes them, an inlined instance, a
-        USDT site).  The semaphore offset (0: none) is a USDT site's enabling counter."""
+    def uprobes(self) -> list[Uprobe]:
+        """Every uprobe of this plan."""
         out = []
         for att in self.attached:
             slot = att.probe.slot
-            out += [(off, slot, "blind", 0) for off in att.inlined_offsets]
-            out += [(site.offset, slot, "blind", site.semaphore) for site in att.usdt_sites]
+            out += [Uprobe(off, slot, "blind", 0) for off in att.inlined_offsets]
+            out += [Uprobe(site.offset, slot, "blind", site.semaphore)
+                    for site in att.usdt_sites]
             if att.symbol is not None:
-                out.append((att.entry_offset(False), slot,
-                            "entry" if att.trust_args else "blind", 0))
+                out.append(Uprobe(att.entry_offset(False), slot,
+                                  "entry" if att.trust_args else "blind", 0))
                 if att.probe.has_return:
-                    out.append((att.entry_offset(True), slot, "return", 0))
+                    out.append(Uprobe(att.entry_offset(True), slot, "return", 0))
         return out
 
 

@@ -125,13 +125,13 @@ class Daemon:
                                      trusted_uids=cfg.trusted_uids, isolate=True,
                                      limits=limits, tick=self.alive)
         self.tracker = Tracker(self.prog.maps, self.binaries, max_vms=self.cfg.max_vms,
-                               grace=self.cfg.grace_period, log=self.log)
-        self.tracker.forgotten = self.forgotten
+                               grace=self.cfg.grace_period, log=self.log,
+                               forgotten=self.forgotten)
         if self.stale_layouts:
-            self.tracker.gaps[("", "layout_replaced")] += len(self.stale_layouts)
+            self.tracker.note_gap("layout_replaced", times=len(self.stale_layouts))
         p = self.prog.pins
         if p and p.replaced:
-            self.tracker.gaps[("", "program_replaced")] += 1
+            self.tracker.note_gap("program_replaced")
         if p:
             self.log("pins", dir=p.path, counters="continued" if p.carried else "new",
                      program="compiled" if self.compiled else "reused",
@@ -152,8 +152,7 @@ class Daemon:
             try:
                 named.add(self.binaries.get(os.path.realpath(path), path).key)
             except AttachError as exc:
-                self.tracker.attach_errors[exc.reason] = \
-                    self.tracker.attach_errors.get(exc.reason, 0) + 1
+                self.tracker.note_attach_error(exc.reason)
                 if exc.reason != "untrusted_binary":  # that one was logged once already
                     self.log("binary not attached", level="warning", binary=path, error=exc)
         return named

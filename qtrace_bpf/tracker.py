@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import abi, targets
 from .binaries import AttachPlan, QemuBinaries
@@ -21,6 +22,11 @@ from .errors import AttachError, QtraceError
 from .log import Log, null_log
 from .targets import Target
 from .vmmaps import TrackerMaps
+
+
+class GapKey(NamedTuple):
+    vm: str  # "" for the whole host
+    reason: str
 
 
 @dataclass
@@ -48,7 +54,8 @@ class TracedVm:
 
 class Tracker:
     def __init__(self, maps: TrackerMaps, binaries: QemuBinaries, *, max_vms: int,
-                 grace: float, log: Log | None = None):
+                 grace: float, log: Log | None = None,
+                 forgotten: list[Callable[[TracedVm], None]] | None = None):
         self.maps = maps  # the program's VmMaps (the unit tests': a fake of the Protocol)
         self.binaries = binaries
         self.max_vms = max_vms
@@ -57,15 +64,25 @@ class Tracker:
         self.lock = threading.RLock()
         self.vms: dict[int, TracedVm] = {}
         self.refused = 0  # VMs not traced: max_vms reached, or the procs map full
-        # (vm, reason) -> times counting stopped or started late: "found_running" (adopted
-        # by a scan: its earlier writes were not counted); the daemon adds restart reasons
-        self.gaps: Counter = Counter()
+        # times counting stopped or started late (note_gap): "found_running" (adopted by a
+        # scan: its earlier writes were not counted); the daemon adds restart reasons
+        self.gaps: Counter[GapKey] = Counter()
         self.not_vms = 0  # QEMU processes that exited without a vCPU (capability probes)
         self.attach_errors: dict[str, int] = {}  # reason -> count
         # "VM forgotten": each is called (under the lock) before a VM's map entries are
         # deleted; the exporter subscribes to carry a restarted domain's counts over.
-        self.forgotten: list[Callable[[TracedVm], None]] = []
+        self.forgotten: list[Callable[[TracedVm], None]] = forgotten if forgotten is not None \
+            else []
         self._next_user_id = abi.USER_VM_ID_BASE
+
+    def note_gap(self, reason: str, vm: str = "", times: int = 1) -> None:
+        """Counting stopped or started late (qtrace_counting_gaps_total{vm,reason}); vm ""
+        for the whole host (a restart that could not continue: layout_replaced, ...)."""
+        self.gaps[GapKey(vm, reason)] += times
+
+    def note_attach_error(self, reason: str) -> None:
+        """A binary or process that could not be traced (AttachError.reason)."""
+        self.attach_errors[reason] = self.attach_errors.get(reason, 0) + 1
 
     # -- adopt ---------------------------------------------------------------------
 
@@ -105,7 +122,7 @@ class Tracker:
                 self._drop_kernel(pid, vm_id)
                 if not targets.alive(pid, start):
                     exc.reason = "vanished"  # it went away while we looked: not worth a warning
-                self.attach_errors[exc.reason] = self.attach_errors.get(exc.reason, 0) + 1
+                self.note_attach_error(exc.reason)
                 quiet = exc.reason in ("vanished", "untrusted_binary")  # gone; logged once
                 self.log("not traced", level="debug" if quiet else "warning",
                          pid=pid, vm=target.name, reason=exc.reason, error=exc)
@@ -140,7 +157,7 @@ class Tracker:
             if fds:
                 self._became_vm(vm)
             if late:
-                self.gaps[(vm.name, "found_running")] += 1
+                self.note_gap("found_running", vm.name)
                 self.log("counting gap: found running, counted from now on", level="warning",
                          vm=vm.name, pid=pid)
             self.vms[vm_id] = vm
