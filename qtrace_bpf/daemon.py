@@ -84,7 +84,7 @@ class Daemon:
             self.log("pinning off: not a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
                      level="warning", bpf_pin_root=root)
             return None
-        layout = pins.layout_name(self.catalog, self.cfg.max_vms, self.cfg.max_vcpus_per_vm)
+        layout = loader.layout_name(self.catalog, self.cfg.max_vms, self.cfg.max_vcpus_per_vm)
         for stale in pins.remove_other_layouts(root, layout):
             self.stale_layouts.append(stale)
             self.log("pins of another layout removed: counts restart", level="warning",

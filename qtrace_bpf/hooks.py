@@ -12,9 +12,10 @@ import os
 import struct
 from dataclasses import dataclass
 
+from .perf_events import TRACEFS, tracefs_root
+
 MODES = ("fentry", "kprobe", "tracepoint")
 KVM_FUNCS = ("kvm_vcpu_ioctl", "kvm_vm_ioctl")
-TRACEFS = "/sys/kernel/tracing"
 BTF_DIR = "/sys/kernel/btf"
 
 
@@ -76,13 +77,6 @@ def ftrace_calls(function: str) -> bool | None:
             return any(line.split(" ", 1)[0] == function for line in f)
     except OSError:
         return None
-
-
-def tracefs_root() -> str | None:
-    for root in (TRACEFS, "/sys/kernel/debug/tracing"):
-        if os.path.exists(os.path.join(root, "events")):
-            return root
-    return None
 
 
 def precheck(mode: str) -> HookCheck:

@@ -22,13 +22,22 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import abi, bpfsys, hooks, loading, pins
+from . import abi, bpfsys, hooks, loading
 from .catalog import Catalog, bpf_source, load_catalog
 from .errors import QtraceError
 from .log import Log
 from .pins import PinDir, remove_pins
 
 HANDLER_KINDS = ("entry", "return", "blind")
+
+
+def layout_name(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
+    """What the pinned bytes mean: the header's ABI, the map sizes, the catalog's slots
+    (they key lifecycle counts and name link pins)."""
+    slots = "".join(f"{p.slot}:{p.event}:{p.action};" for p in catalog.probes)
+    digest = hashlib.sha256(slots.encode()).hexdigest()[:8]
+    return f"v{abi.QTRACE_ABI_VERSION}-{max_vms}x{max_vcpus}-{digest}"
+
 
 
 @dataclass
@@ -167,7 +176,7 @@ def prepare(pin_root: str, hook: str | None, max_vms: int, max_vcpus: int, owner
     events where kernel.perf_event_paranoid is 3 (Debian's default)."""
     import pwd
 
-    layout = pins.layout_name(load_catalog(), max_vms, max_vcpus)
+    layout = layout_name(load_catalog(), max_vms, max_vcpus)
     made, compiled = ensure(os.path.join(pin_root, layout), hook, max_vms, max_vcpus, log)
     if owner:
         try:

@@ -13,12 +13,12 @@ import ctypes as ct
 import errno
 import os
 
-from . import hooks
 from .errors import AttachError, QtraceError
 
 PERF_TYPE_TRACEPOINT = 2
 PERF_FLAG_FD_CLOEXEC = 8
 NR_PERF_EVENT_OPEN = 298  # x86-64
+TRACEFS = "/sys/kernel/tracing"
 
 _libc = ct.CDLL(None, use_errno=True)
 
@@ -86,7 +86,7 @@ def kprobe_event(function: str, retprobe: bool) -> int:
 
 
 def tracepoint_event(category: str, name: str) -> int:
-    root = hooks.tracefs_root()
+    root = tracefs_root()
     if root is None:
         raise QtraceError("tracefs not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
     with open(os.path.join(root, "events", category, name, "id")) as f:
@@ -98,3 +98,11 @@ def tracepoint_event(category: str, name: str) -> int:
         return _perf_event_open(attr)
     except OSError as exc:
         raise QtraceError(f"tracepoint {category}:{name}: {exc.strerror}") from None
+
+
+def tracefs_root() -> str | None:
+    """Where tracefs is mounted (its event ids name tracepoints), or None."""
+    for root in (TRACEFS, "/sys/kernel/debug/tracing"):
+        if os.path.exists(os.path.join(root, "events")):
+            return root
+    return None

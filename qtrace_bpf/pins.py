@@ -1,21 +1,20 @@
 """Pins in bpffs: where a program layout's maps and links live, and which links this
 process holds, so that counters and probes outlive a daemon restart.
 
-Layout policy: <root>/v<ABI>-<max_vms>x<max_vcpus>-<catalog hash>.  Pins of another layout
-(an older qtrace, other map sizes, another catalog) are never read: removed, and the
-restart counted as a gap.  A link pin holding the same program (same tag) is adopted as
-it is; one holding another program is replaced.  See docs/bpf-pinning.md.
+Layout policy: <root>/v<ABI>-<max_vms>x<max_vcpus>-<catalog hash> (loader.layout_name).
+Pins of another layout (an older qtrace, other map sizes, another catalog) are never
+read: removed, and the restart counted as a gap.  A link pin holding the same program
+(same tag) is adopted as it is; one holding another program is replaced.  See
+docs/bpf-pinning.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes as ct
-import hashlib
 import os
 
-from . import abi, bpfsys
-from .catalog import Catalog
+from . import bpfsys
 from .errors import QtraceError
 
 BPFFS_MAGIC = 0xCAFE4A11
@@ -33,14 +32,6 @@ def is_bpffs(path: str) -> bool:
     if ct.CDLL(None, use_errno=True).statfs(path.encode(), ct.byref(st)) != 0:
         return False
     return st.f_type & 0xFFFFFFFF == BPFFS_MAGIC
-
-
-def layout_name(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
-    """What the pinned bytes mean: the header's ABI, the map sizes, the catalog's slots
-    (they key lifecycle counts and name link pins)."""
-    slots = "".join(f"{p.slot}:{p.event}:{p.action};" for p in catalog.probes)
-    digest = hashlib.sha256(slots.encode()).hexdigest()[:8]
-    return f"v{abi.QTRACE_ABI_VERSION}-{max_vms}x{max_vcpus}-{digest}"
 
 
 def remove_other_layouts(root: str, keep: str) -> list[str]:

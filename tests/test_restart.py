@@ -144,13 +144,13 @@ def test_a_changed_program_replaces_the_old_attachment(tmp_path):
     """A pinned link holding another program (an older qtrace) is replaced, not read."""
     from bcc import BPF
 
-    from qtrace_bpf import bpfsys, perf_events, pins
+    from qtrace_bpf import bpfsys, loader, perf_events
     from qtrace_bpf.catalog import load_catalog
     from qtrace_bpf.config import load_config
 
     d = Restartable(tmp_path)
     cfg = load_config(str(d.config))
-    layout = Path(cfg.bpf_pin_root, pins.layout_name(load_catalog(), cfg.max_vms,
+    layout = Path(cfg.bpf_pin_root, loader.layout_name(load_catalog(), cfg.max_vms,
                                                      cfg.max_vcpus_per_vm)) / "links"
     layout.mkdir(parents=True)
     other = BPF(text=b"int tp_other(void *ctx) { return 0; }")
