@@ -23,7 +23,7 @@ import sys
 COLD = """
 import json, resource, sys, time
 from qtrace_bpf import elfsym
-from qtrace_bpf.catalog import load_catalog
+from qtrace_bpf.contract.catalog import load_catalog
 names = load_catalog().functions
 t = time.perf_counter()
 res = elfsym.resolve(sys.argv[1], names, inline_names=names)
@@ -35,7 +35,7 @@ print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SEL
 BASELINE = """
 import json, resource, sys, time
 from elftools.elf.elffile import ELFFile
-from qtrace_bpf.catalog import load_catalog
+from qtrace_bpf.contract.catalog import load_catalog
 wanted = set(load_catalog().functions)
 t = time.perf_counter()
 found = set()

@@ -43,7 +43,7 @@ def lifecycle_hits(daemon: QtraceDaemon) -> float:
 
 
 def reset_breakdown(ctx) -> Table:
-    from qtrace_bpf.demo_qemu import DemoQemu
+    from qtrace_bpf.commands.demo_vm import DemoQemu
 
     resets = max(3, int(RESETS * ctx.scale)) if ctx.scale < 1 else RESETS
     t = Table(f"Where a traced system_reset's time goes (2-vCPU q35 guest, median of {resets} "

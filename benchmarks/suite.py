@@ -180,7 +180,7 @@ class BystanderBpftrace(Bpftrace):
 
 def uprobe_path(ctx: Ctx) -> tuple[Table, Table]:
     exe = build("uprobe_targets", ctx.tmp)
-    from qtrace_bpf import elfsym
+    from qtrace_bpf.symbols import elfsym
 
     res = elfsym.resolve(exe, UPROBE_FNS)
     site = res.usdt["bench:hit"][0].offset  # g_usdt is probed at its USDT site, not its entry
@@ -202,8 +202,8 @@ def uprobe_path(ctx: Ctx) -> tuple[Table, Table]:
                    "ring-buffer event), the process tracked; both on uprobe_multi links, as "
                    "the daemon attaches; bpftrace: perf-event uprobes, a count per probe; "
                    "gdb: a breakpoint at each function (the USDT one: its entry)")
-    from qtrace_bpf.binaries import plan_probes, resolve
-    from qtrace_bpf.catalog import load_catalog
+    from qtrace_bpf.contract.catalog import load_catalog
+    from qtrace_bpf.symbols.binaries import plan_probes, resolve
 
     cat = load_catalog()
     bins = qemu_binaries()
@@ -241,7 +241,7 @@ def qemu_binaries() -> list[str]:
 # ---------------------------------------------------------------- 4. a real VM
 
 def real_vm(ctx: Ctx) -> Table:
-    from qtrace_bpf.demo_qemu import DemoQemu
+    from qtrace_bpf.commands.demo_vm import DemoQemu
 
     t = Table("A real QEMU/KVM guest (Debian's QEMU 7.2, SeaBIOS), traced by the daemon or not "
               f"(hook: {ctx.hook})",
@@ -286,7 +286,7 @@ def real_vm(ctx: Ctx) -> Table:
 # ---------------------------------------------------------------- 5. the daemon
 
 def daemon_costs(ctx: Ctx) -> list[Table]:
-    from qtrace_bpf.demo_qemu import DemoQemu
+    from qtrace_bpf.commands.demo_vm import DemoQemu
 
     out = []
     counts = (0, 10, 30) if ctx.scale >= 1 else (0, 2)
@@ -401,8 +401,8 @@ def scrape_table(ctx: Ctx) -> Table:
     from qtrace_bpf.exporters.http import Server, make_app
     from qtrace_bpf.exporters.metrics import Exposition, VmCollector
 
-    from qtrace_bpf.catalog import load_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract.catalog import load_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
 
     t = Table("/metrics at scale", ("series", "qtrace render", "generate_latest",
                                     "20 scrapers p50", "20 scrapers p99"), "ms")
@@ -462,7 +462,7 @@ def debuginfod_row(ctx: Ctx) -> list[list[float]] | None:
     """Resolution of a stripped binary whose debug file a real debuginfod server sends."""
     import urllib.request
 
-    from qtrace_bpf import elf as elfio
+    from qtrace_bpf.symbols import elf as elfio
 
     full = next((b for b in qemu_binaries() if "deb13" in b and "-dtrace" not in b), None)
     if full is None or not shutil.which("debuginfod"):
@@ -515,8 +515,8 @@ def debuginfod_row(ctx: Ctx) -> list[list[float]] | None:
 RESOLVE_VIA = """
 import json, sys, time
 from qtrace_bpf import elfsym
-from qtrace_bpf.catalog import load_catalog
-from qtrace_bpf.debuginfod import Debuginfod
+from qtrace_bpf.contract.catalog import load_catalog
+from qtrace_bpf.symbols.debuginfod import Debuginfod
 names = load_catalog().functions
 d = Debuginfod(urls=(sys.argv[2],), cache=sys.argv[3], allow_http=True)
 t = time.perf_counter()
@@ -531,7 +531,7 @@ print(json.dumps({"cold": cold, "hwm_mb": hwm / 1024, "dwarf": res.dwarf}))
 RESOLVE = """
 import json, sys, time
 from qtrace_bpf import elfsym
-from qtrace_bpf.catalog import load_catalog
+from qtrace_bpf.contract.catalog import load_catalog
 names = load_catalog().functions
 t = time.perf_counter()
 elfsym.resolve_cached(sys.argv[1], names, inline_names=names)
@@ -661,8 +661,8 @@ def run_sections(ctx: Ctx, only: list[str] | None, label: str) -> list[tuple[str
 
 def hooks_in_use() -> str:
     """The kernel hook qtrace takes here (what every ioctl table measured)."""
-    from qtrace_bpf.catalog import load_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract.catalog import load_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
 
     with QtraceProgram(load_catalog()) as prog:
         return prog.hook_mode

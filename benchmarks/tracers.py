@@ -65,7 +65,7 @@ class Floor(Tracer):
 
     def attach(self, pid: int, exe: str) -> None:
         """The uprobes through one uprobe_multi link, as qtrace attaches its own."""
-        from qtrace_bpf import bpfsys
+        from qtrace_bpf.bpf import bpfsys
 
         if self.offsets:
             fd = self.bpf.load_func(b"floor_uprobe", self.bpf.KPROBE, None,
@@ -152,15 +152,16 @@ class QtraceUprobes(Tracer):
         self.prog = None
 
     def start(self) -> None:
-        from qtrace_bpf.catalog import load_catalog
-        from qtrace_bpf.program import QtraceProgram
+        from qtrace_bpf.contract.catalog import load_catalog
+        from qtrace_bpf.program.compiled import QtraceProgram
 
         self.prog = QtraceProgram(load_catalog())
 
     def attach(self, pid: int, exe: str) -> None:
-        from qtrace_bpf import abi, elfsym
-        from qtrace_bpf.binaries import AttachPlan, PlannedProbe
-        from qtrace_bpf.elf import UsdtSite
+        from qtrace_bpf.contract import abi
+        from qtrace_bpf.symbols import elfsym
+        from qtrace_bpf.symbols.binaries import AttachPlan, PlannedProbe
+        from qtrace_bpf.symbols.elf import UsdtSite
 
         res = elfsym.resolve(exe, ())
         sites = [UsdtSite(off, 0, 0) for off in self.offsets]

@@ -20,7 +20,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from qtrace_bpf import abi, decoders, maps
+from qtrace_bpf.contract import abi, decoders, maps
 
 from .exposition import OPENMETRICS, Family, Histogram, SharedRender, le, render
 from .observed import Observed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from qtrace_bpf.catalog import Catalog
+from qtrace_bpf.contract.catalog import Catalog
 
 
 class Observed(Protocol):

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qtrace_bpf import __version__, abi, build_info, decoders, revision
+from qtrace_bpf import __version__, build_info, revision
+from qtrace_bpf.contract import abi, decoders
 
 from .observed import Observed
 

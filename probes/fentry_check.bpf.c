@@ -2,7 +2,7 @@
 // Will this kernel load qtrace's fentry hook?  The smallest program that needs what the
 // real one needs (BPF trampoline on kvm_vcpu_ioctl, BTF task, task pt_regs): loading it
 // takes ~0.3 s, compiling the whole qtrace.bpf.c ~1.5 s, so ask this first.  A plain
-// BPF_PROG: qtrace_bpf/fentry.py loads it against KVM's BTF (vmlinux's or the module's).
+// BPF_PROG: qtrace_bpf/bpf/fentry.py loads it against KVM's BTF (vmlinux's or the module's).
 #include <uapi/linux/ptrace.h>
 
 BPF_PROG(fe_check, void *filp, unsigned int ioctl, unsigned long arg) {

@@ -372,7 +372,7 @@ static __always_inline u32 syscall_fd(void) {
 
 #if defined(QTRACE_HOOK_FENTRY)
 // Plain BPF_PROG functions, not KFUNC_PROBE: BCC would look kvm_* up in vmlinux's BTF only,
-// and KVM is a module.  qtrace_bpf/fentry.py loads them against the module's BTF.
+// and KVM is a module.  qtrace_bpf/bpf/fentry.py loads them against the module's BTF.
 // Tracing programs must return 0 (the 6.12 verifier checks it).
 #define QT_FENTRY(fn)                                                                      \
     BPF_PROG(fe_##fn, void *filp, unsigned int ioctl, unsigned long arg) {                 \

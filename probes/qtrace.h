@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // qtrace.h: the kernel/user contract, and nothing else.  probes/qtrace.bpf.c includes it;
-// qtrace_bpf/abi.py reads its #defines and enums (every enumerator carries its value), and
+// qtrace_bpf/contract/abi.py reads its #defines and enums (every enumerator carries its value), and
 // takes the structs' layouts from BCC, which compiles this very file.  KVM ioctl numbers are
-// not here: they come from <linux/kvm.h> (BPF side) and qtrace_bpf/kvm_ioctl_numbers.py
+// not here: they come from <linux/kvm.h> (BPF side) and qtrace_bpf/contract/kvm_ioctl_numbers.py
 // (generated from the same header by scripts/gen_kvm_ioctls.py).
 #ifndef QTRACE_H
 #define QTRACE_H

@@ -26,7 +26,7 @@ def build_info() -> dict[str, str]:
     """revision, branch and build date: written into _revision.py when a package is built
     (scripts/build-deb.sh), else asked of git in a checkout, else "unknown"."""
     try:
-        from . import _revision  # type: ignore[attr-defined]
+        from qtrace_bpf import _revision  # type: ignore[attr-defined]
 
         return {"revision": str(_revision.REVISION),
                 "branch": str(getattr(_revision, "BRANCH", "unknown")),

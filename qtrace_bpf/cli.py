@@ -10,12 +10,13 @@ import sys
 
 import click
 
-from . import hooks, version_text
-from .debugfiles import DEFAULT_DEBUG_ROOTS
-from .errors import QtraceError
-from .log import null_log
+from qtrace_bpf import version_text
+from qtrace_bpf.errors import QtraceError
+from qtrace_bpf.log import null_log
+from qtrace_bpf.program import kernel_hook
+from qtrace_bpf.symbols.debugfiles import DEFAULT_DEBUG_ROOTS
 
-HOOK_CHOICE = click.Choice(["auto", *hooks.MODES])
+HOOK_CHOICE = click.Choice(["auto", *kernel_hook.MODES])
 
 
 class _Group(click.Group):
@@ -27,7 +28,7 @@ class _Group(click.Group):
         except QtraceError as exc:
             click.echo(f"qprobe: error: {exc}", err=True)
             if os.environ.get("NOTIFY_SOCKET"):  # under systemd: `systemctl status` says why
-                from .service import Notifier
+                from qtrace_bpf.commands.service import Notifier
 
                 Notifier(null_log).send(f"STATUS=qprobe: error: {exc}"[:2000])
             sys.exit(exc.exit_code)
@@ -105,9 +106,9 @@ def watch(pid: int | None, vm_name: str | None, vcpus: tuple[int, ...], ioctls: 
       qprobe watch --vm web1 --vcpu 1 --phase hotplug --phase reset
       qprobe watch 4242 --json --duration 60 > writes.jsonl
     """
-    from .targets import pid_of_vm
-    from .watch import run_watch
-    from .watch_filter import EventFilter
+    from qtrace_bpf.commands.watch import run_watch
+    from qtrace_bpf.commands.watch_filter import EventFilter
+    from qtrace_bpf.vms.targets import pid_of_vm
 
     if (pid is None) == (vm_name is None):
         raise click.UsageError("give either PID or --vm NAME")
@@ -141,7 +142,7 @@ def symbols(binary: str | None, pid: int | None, as_json: bool,
       qprobe symbols --pid 4242 --json
       qprobe symbols ./qemu-system-x86_64 --debug-root /srv/debug
     """
-    from .symbols_cmd import run_symbols
+    from qtrace_bpf.commands.symbols import run_symbols
 
     if (binary is None) == (pid is None):
         raise click.UsageError("give either BINARY or --pid PID")
@@ -163,13 +164,13 @@ def doctor(as_json: bool) -> None:
       qprobe doctor
       qprobe doctor --json
     """
-    from .doctor import run_doctor
+    from qtrace_bpf.commands.doctor import run_doctor
 
     report = run_doctor()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        from .doctor import render_doctor
+        from qtrace_bpf.commands.doctor import render_doctor
 
         click.echo(render_doctor(report))
     sys.exit(0 if report["ready"] else 1)
@@ -193,13 +194,13 @@ def load(config_path: str | None, owner: str | None) -> None:
     Example:
       qprobe load --config /etc/qtrace/qtrace.toml --owner qtrace
     """
-    from .config import load_config
-    from .loader import prepare
-    from .logfmt import logger_fn, setup
+    from qtrace_bpf.commands.config import load_config
+    from qtrace_bpf.logfmt import logger_fn, setup
+    from qtrace_bpf.program.loader import prepare
 
     cfg = load_config(config_path)
     setup(cfg.log_level, cfg.log_format)
-    from .pins import is_bpffs
+    from qtrace_bpf.bpf.pins import is_bpffs
 
     if not cfg.bpf_pin_root or not is_bpffs(cfg.bpf_pin_root):
         # not an error: the daemon then loads the program in its own process
@@ -230,8 +231,8 @@ def cleanup(config_path: str | None, pin_root: str | None) -> None:
       qprobe cleanup
       qprobe cleanup --config /etc/qtrace/qtrace.toml
     """
-    from .config import load_config
-    from .pins import remove_pins
+    from qtrace_bpf.bpf.pins import remove_pins
+    from qtrace_bpf.commands.config import load_config
 
     root = pin_root or load_config(config_path).bpf_pin_root
     if not root or not os.path.exists(root):
@@ -258,7 +259,7 @@ def demo(duration: float | None, as_json: bool) -> None:
       qprobe demo --json
     """
     try:
-        from .demo import run_demo
+        from qtrace_bpf.commands.demo import run_demo
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith("qemu"):
             raise
@@ -270,11 +271,11 @@ def demo(duration: float | None, as_json: bool) -> None:
 
 # The Debian package leaves the demo out (its QMP client is not in Debian): no command
 # that could only fail there.
-if importlib.util.find_spec(f"{__package__}.demo") is not None:
+if importlib.util.find_spec(f"{__package__}.commands.demo") is not None:
     main.add_command(demo)
 
 
-from .cli_daemon import daemon  # noqa: E402  (registered after main exists)
+from qtrace_bpf.commands.daemon_flags import daemon  # noqa: E402  (registered after main exists)
 
 main.add_command(daemon)
 

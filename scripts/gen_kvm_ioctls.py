@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Regenerate qtrace_bpf/kvm_ioctl_numbers.py from <linux/kvm.h> (needs gcc, linux-libc-dev).
+"""Regenerate qtrace_bpf/contract/kvm_ioctl_numbers.py from <linux/kvm.h> (needs gcc and
+linux-libc-dev).
 
-The names and their meaning stay in qtrace_bpf/kvm_ioctls.py; only the compiler numbers them.
+The names and their meaning stay in qtrace_bpf/contract/kvm_ioctls.py; only the compiler
+numbers them.
 tests/test_abi.py fails when the committed file differs from what generate_numbers() gives.
 """
 
@@ -14,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qtrace_bpf.kvm_ioctls import TABLE  # noqa: E402
+from qtrace_bpf.contract.kvm_ioctls import TABLE  # noqa: E402
 
 
 def generate_numbers(cc: str = "gcc") -> str:
@@ -38,6 +40,7 @@ def generate_numbers(cc: str = "gcc") -> str:
 
 
 if __name__ == "__main__":
-    target = Path(__file__).resolve().parent.parent / "qtrace_bpf" / "kvm_ioctl_numbers.py"
+    here = Path(__file__).resolve().parent.parent
+    target = here / "qtrace_bpf" / "contract" / "kvm_ioctl_numbers.py"
     target.write_text(generate_numbers())
     print(f"wrote {target}")

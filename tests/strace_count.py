@@ -10,7 +10,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from qtrace_bpf.kvm_ioctls import STATE_WRITE_NAMES
+from qtrace_bpf.contract.kvm_ioctls import STATE_WRITE_NAMES
 
 # 3795  1796549415.193866 ioctl(14<anon_inode:kvm-vcpu:1>, KVM_SET_CPUID2, {nent=23, ...}) = 0
 _TS = r"(?:(?P<ts>\d+\.\d+)\s+)?"

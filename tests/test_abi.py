@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from qtrace_bpf import abi, maps
+from qtrace_bpf.contract import abi, maps
 
 HEADER = ROOT / "probes" / "qtrace.h"
 
@@ -68,9 +68,9 @@ def test_header_parser_refuses_implicit_enum_values():
 
 def test_kvm_ioctl_numbers_are_generated_from_kvm_h(gcc):
     """A hand-edited number (or a stale file) differs from what the compiler says."""
-    committed = (ROOT / "qtrace_bpf" / "kvm_ioctl_numbers.py").read_text()
+    committed = (ROOT / "qtrace_bpf" / "contract" / "kvm_ioctl_numbers.py").read_text()
     assert generate_numbers(gcc) == committed, \
-        "qtrace_bpf/kvm_ioctl_numbers.py is not what <linux/kvm.h> says: run " \
+        "qtrace_bpf/contract/kvm_ioctl_numbers.py is not what <linux/kvm.h> says: run " \
         "scripts/gen_kvm_ioctls.py"
 
 
@@ -79,8 +79,8 @@ def program():
     from conftest import check_bpf
 
     check_bpf()
-    from qtrace_bpf.catalog import load_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract.catalog import load_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
 
     with QtraceProgram(load_catalog(), discovery=True, write_events=True) as prog:
         yield prog

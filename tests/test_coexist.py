@@ -13,7 +13,7 @@ import pytest
 from conftest import require
 from test_host import HostDaemon, _resets, daemon  # noqa: F401 - the fixture
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 QEMU = "/usr/bin/qemu-system-x86_64"

@@ -37,7 +37,7 @@ from conftest import (
 )
 from strace_count import count_state_writes, strace_argv
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 RULES = ROOT / "exporters" / "prometheus" / "qtrace-alerts.yml"
@@ -120,7 +120,7 @@ def fleet(tmp_path_factory):
     require("upstream QEMU 10.0", up10 is not None, "bash scripts/build-qemu.sh")
     tmp = tmp_path_factory.mktemp("fleet")
     before = bpf_state()
-    from qtrace_bpf.targets import running_qemus
+    from qtrace_bpf.vms.targets import running_qemus
 
     already = len(running_qemus())  # other QEMUs on this host: found by scan, late
     daemon = Daemon(tmp, binaries=(str(up10),))
@@ -471,7 +471,7 @@ def test_max_vms_cap(tmp_path):
     check_kvm()
     port = free_port()
     cfg = tmp_path / "q.toml"
-    from qtrace_bpf.targets import running_qemus
+    from qtrace_bpf.vms.targets import running_qemus
 
     already = len(running_qemus())  # VMs already on this host take slots first
     cfg.write_text(daemon_toml(port, max_vms=already + 1, rescan_interval=1))

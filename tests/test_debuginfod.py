@@ -86,7 +86,7 @@ def test_fetched_verified_cached_and_used_offline(fixtures, tmp_path):
     assert report["dwarf"] is True
     # Debian-style static catalog functions need exactly this: the symbol of a static
     # function, from the fetched file (here: the fixture's lifecycle_step)
-    from qtrace_bpf import elfsym
+    from qtrace_bpf.symbols import elfsym
 
     res = elfsym.resolve(str(fx.path), ["lifecycle_step"],
                          debug_roots=("/nonexistent-debug-root",),

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from qtrace_bpf import abi, decoders, maps
-from qtrace_bpf.catalog import load_catalog
-from qtrace_bpf.events import Decoder, render
-from qtrace_bpf.kvm_ioctls import BY_NAME, IOCTLS
+from qtrace_bpf.contract import abi, decoders, maps
+from qtrace_bpf.contract.catalog import load_catalog
+from qtrace_bpf.contract.events import Decoder, render
+from qtrace_bpf.contract.kvm_ioctls import BY_NAME, IOCTLS
 
 CATALOG = load_catalog()
 NUMBERS = sorted(IOCTLS)
@@ -145,7 +145,7 @@ def test_unexpected_writes_and_step_ends_are_marked():
 def test_catalog_expect_rules_are_checked():
     import pytest
 
-    from qtrace_bpf.catalog import parse_catalog
+    from qtrace_bpf.contract.catalog import parse_catalog
 
     good = '[[expect]]\nioctl = "KVM_SET_TSC_KHZ"\nphases = ["boot"]\nsource = "kvm.c"\n'
     assert parse_catalog(good).unexpected("KVM_SET_TSC_KHZ", "reset")
@@ -160,8 +160,8 @@ def test_catalog_expect_rules_are_checked():
 def test_watch_filter():
     import pytest
 
+    from qtrace_bpf.commands.watch_filter import EventFilter
     from qtrace_bpf.errors import QtraceError
-    from qtrace_bpf.watch_filter import EventFilter
 
     f = EventFilter.parse((1,), ("set_tsc_khz",), ())
     write = {"kind": "state_write", "event": "KVM_SET_TSC_KHZ", "vcpu": 1, "phase": "boot"}

@@ -19,8 +19,9 @@ from elf_fixtures import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qtrace_bpf import elfsym, maps
+from qtrace_bpf.contract import maps
 from qtrace_bpf.errors import ElfError
+from qtrace_bpf.symbols import elfsym
 
 COUNTER_BPF = b"""
 BPF_ARRAY(hits, u64, 1);
@@ -243,7 +244,7 @@ def test_dwz_alt_file_followed(fixtures):
 def test_dwarf_read_only_where_a_function_is_defined(fixtures):
     """Three compile units; a function with an out-of-line copy is looked for in the
     one unit that defines it (.debug_aranges), a function without one by its name."""
-    from qtrace_bpf.dwarf_inline import DwarfFile, inlined_instances
+    from qtrace_bpf.symbols.dwarf_inline import DwarfFile, inlined_instances
 
     path = str(fixtures["nopie"].path)
     df = DwarfFile(path)
@@ -401,9 +402,9 @@ def test_fuzz_malformed_elf(fixtures, tmp_path, data):
 def test_catalog_can_probe_inlined_instances(bpf_caps, fixtures, nothing_left):
     """attach_inlined: a function with no out-of-line copy is still counted, via DWARF."""
 
-    from qtrace_bpf.binaries import QemuBinaries
-    from qtrace_bpf.catalog import parse_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract.catalog import parse_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
+    from qtrace_bpf.symbols.binaries import QemuBinaries
 
     catalog = parse_catalog(
         '[[probe]]\nevent = "step"\nfunctions = ["inlined_step"]\naction = "mark"\n'
@@ -428,10 +429,10 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
     """cloned_step(x, 5) became cloned_step.constprop.0(x): its registers are not
     cloned_step's arguments.  A reset probed there counts under cause `unknown`, never
     under whatever rdi held; a plain function's argument is still read."""
-    from qtrace_bpf import abi
-    from qtrace_bpf.binaries import QemuBinaries
-    from qtrace_bpf.catalog import parse_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract import abi
+    from qtrace_bpf.contract.catalog import parse_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
+    from qtrace_bpf.symbols.binaries import QemuBinaries
 
     catalog = parse_catalog(
         '[[probe]]\nevent = "clone"\nfunctions = ["cloned_step"]\naction = "reset"\n'
@@ -462,8 +463,8 @@ def test_gcc_clone_arguments_are_not_read(bpf_caps, fixtures, nothing_left):
 
 def test_symbols_explains_what_a_clone_loses(fixtures):
     """`qprobe symbols` says which events sit on a clone and which detail they lose."""
-    from qtrace_bpf.binaries import plan_probes
-    from qtrace_bpf.catalog import parse_catalog
+    from qtrace_bpf.contract.catalog import parse_catalog
+    from qtrace_bpf.symbols.binaries import plan_probes
 
     catalog = parse_catalog(
         '[[probe]]\nevent = "put"\nfunctions = ["cloned_step"]\naction = "put"\n'
@@ -479,10 +480,10 @@ def test_entry_probe_moves_past_single_stepped_instructions(bpf_caps, tmp_path, 
     """A function whose first instruction the kernel single-steps (~20x an emulated hit) is
     probed at its first emulated one when nothing before it matters; counts and arguments
     stay exact, and a probe stays at the entry where moving it would change them."""
-    from qtrace_bpf import abi
-    from qtrace_bpf.binaries import QemuBinaries
-    from qtrace_bpf.catalog import parse_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract import abi
+    from qtrace_bpf.contract.catalog import parse_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
+    from qtrace_bpf.symbols.binaries import QemuBinaries
 
     exe = tmp_path / "entry_sites"
     subprocess.run(["gcc", "-O2", "-o", exe, ROOT / "tests" / "c" / "entry_sites.c"],

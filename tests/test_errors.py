@@ -11,7 +11,7 @@ import tempfile
 import pytest
 from conftest import QPROBE, ROOT, require
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 
 def qprobe(*args: str, prefix: list[str] | None = None, timeout: float = 120,

@@ -9,12 +9,12 @@ import subprocess
 import pytest
 from conftest import QPROBE, ROOT, require
 
-from qtrace_bpf import hooks
-from qtrace_bpf.catalog import bpf_source
-from qtrace_bpf.loading import cflags
+from qtrace_bpf.contract.catalog import bpf_source
+from qtrace_bpf.program import kernel_hook
+from qtrace_bpf.program.bcc_compile import cflags
 
 
-@pytest.mark.parametrize("mode", hooks.MODES)
+@pytest.mark.parametrize("mode", kernel_hook.MODES)
 def test_variant_compiles(bpf_caps, mode):
     """fentry and kprobe must exist and compile even where this kernel refuses them."""
     from bcc import BPF
@@ -42,8 +42,8 @@ def test_doctor_reports_the_chain(bpf_caps):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     chosen = report["kernel_hook"]
-    assert chosen in hooks.MODES
-    for mode in hooks.MODES[: hooks.MODES.index(chosen)]:
+    assert chosen in kernel_hook.MODES
+    for mode in kernel_hook.MODES[: kernel_hook.MODES.index(chosen)]:
         assert report["kernel_hooks"][mode]["usable"] is False
         assert report["kernel_hooks"][mode]["reason"]
     assert report["kernel_hooks"][chosen]["usable"] is True
@@ -54,7 +54,7 @@ def test_doctor_reports_the_chain(bpf_caps):
 
 def test_doctor_on_this_machine(bpf_caps):
     """Here kprobes are compiled out and fentry is refused: doctor must say so and why."""
-    require("a kernel without kprobes", not hooks.precheck("kprobe").usable,
+    require("a kernel without kprobes", not kernel_hook.precheck("kprobe").usable,
             "this kernel has kprobes: the fallback this test is about does not happen")
     r = subprocess.run([*QPROBE, "doctor", "--json"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
@@ -64,10 +64,10 @@ def test_doctor_on_this_machine(bpf_caps):
 
 
 def test_order():
-    assert hooks.order(None) == ["fentry", "kprobe", "tracepoint"]
-    assert hooks.order("tracepoint") == ["tracepoint", "fentry", "kprobe"]
+    assert kernel_hook.order(None) == ["fentry", "kprobe", "tracepoint"]
+    assert kernel_hook.order("tracepoint") == ["tracepoint", "fentry", "kprobe"]
     with pytest.raises(ValueError):
-        hooks.order("raw_sys_enter")
+        kernel_hook.order("raw_sys_enter")
 
 
 def _doctor(prefix: list[str] = ()) -> dict:
@@ -100,7 +100,7 @@ def test_btf_names_come_from_its_string_section(tmp_path, monkeypatch):
     header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 0, 0, len(strings))
     (tmp_path / "vmlinux").write_bytes(header + strings)
     (tmp_path / "kvm").write_bytes(b"\x00" * 8)  # not BTF: ignored, not an error
-    monkeypatch.setattr(hooks, "BTF_DIR", str(tmp_path))
-    assert hooks.btf_functions(hooks.KVM_FUNCS) == {"kvm_vcpu_ioctl"}
-    reason = hooks.precheck("fentry").reason
-    assert not hooks.precheck("fentry").usable and "kvm_vm_ioctl" in reason, reason
+    monkeypatch.setattr(kernel_hook, "BTF_DIR", str(tmp_path))
+    assert kernel_hook.btf_functions(kernel_hook.KVM_FUNCS) == {"kvm_vcpu_ioctl"}
+    reason = kernel_hook.precheck("fentry").reason
+    assert not kernel_hook.precheck("fentry").usable and "kvm_vm_ioctl" in reason, reason

@@ -27,7 +27,7 @@ from conftest import (
 )
 from strace_count import count_state_writes, strace_argv
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -84,7 +84,7 @@ def daemon(tmp_path):
 def test_short_lived_and_probe_qemus_never_stop_the_daemon(daemon, tmp_path):
     """A binary not attached at start, processes that exit during attach, and libvirt-style
     capability probes (-machine none, no vCPU): the daemon keeps serving and exports no VM."""
-    from qtrace_bpf.targets import running_qemus
+    from qtrace_bpf.vms.targets import running_qemus
 
     copy = tmp_path / "qemu-system-x86_64"
     shutil.copy(QEMU, copy)
@@ -199,7 +199,7 @@ def test_restarted_domain_keeps_its_name_and_its_counters(daemon):
 
 
 def test_a_full_map_is_counted_never_silent(daemon):
-    from qtrace_bpf.targets import running_qemus
+    from qtrace_bpf.vms.targets import running_qemus
 
     # vcpu_fds holds one vCPU per VM slot; other QEMUs on this host take slots first
     d = daemon(max_vms=len(running_qemus()) + 1, max_vcpus_per_vm=1)

@@ -21,7 +21,7 @@ import pytest
 from conftest import check_kvm, kvm_numbers, popen, require, samples
 from test_host import HostDaemon
 
-from qtrace_bpf.kvm_ioctls import STATE_WRITE_NAMES
+from qtrace_bpf.contract.kvm_ioctls import STATE_WRITE_NAMES
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 VIRSH = ["virsh", "-c", "qemu:///system"]

@@ -38,7 +38,8 @@ def test_lintian_reports_no_error_and_no_warning(built_deb):
 def test_the_package_ships_what_runs_on_a_host_and_nothing_else(built_deb):
     files = deb_files(built_deb)
     site = "/usr/lib/python3/dist-packages/qtrace_bpf"
-    for absent in (f"{site}/demo.py", f"{site}/demo_qemu.py",
+    assert f"{site}/commands/watch.py" in files  # the paths below are the package's own
+    for absent in (f"{site}/commands/demo.py", f"{site}/commands/demo_vm.py",
                    f"{site}/probes/bench_floor.bpf.c", "/usr/share/man/man1/qprobe-demo.1.gz"):
         assert absent not in files, absent
     assert not [f for f in files if f.startswith(f"{site}/exporters/") and

@@ -24,7 +24,7 @@ from conftest import (
 from strace_count import count_state_writes, strace_argv
 from test_host import HostDaemon, qmp_resets
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 
@@ -144,9 +144,10 @@ def test_a_changed_program_replaces_the_old_attachment(tmp_path):
     """A pinned link holding another program (an older qtrace) is replaced, not read."""
     from bcc import BPF
 
-    from qtrace_bpf import bpfsys, loader, perf_events
-    from qtrace_bpf.catalog import load_catalog
-    from qtrace_bpf.config import load_config
+    from qtrace_bpf.bpf import bpfsys, perf_events
+    from qtrace_bpf.commands.config import load_config
+    from qtrace_bpf.contract.catalog import load_catalog
+    from qtrace_bpf.program import loader
 
     d = Restartable(tmp_path)
     cfg = load_config(str(d.config))

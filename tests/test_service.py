@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from conftest import ROOT, require
 
-from qtrace_bpf.config import DEFAULT_PORT, load_config
+from qtrace_bpf.commands.config import DEFAULT_PORT, load_config
 from qtrace_bpf.errors import QtraceError
 
 UNIT = ROOT / "systemd" / "qtrace.service"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, check_kvm, http_get, popen, require, samples, scrape
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 PORT = 10471  # the packaged config's

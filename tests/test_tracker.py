@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from qtrace_bpf import abi, maps, targets
-from qtrace_bpf.tracker import Tracker
-from qtrace_bpf.vmmaps import TrackerMaps, VmMaps
+from qtrace_bpf.contract import abi, maps
+from qtrace_bpf.program.vm_maps import TrackerMaps, VmMaps
+from qtrace_bpf.vms import targets
+from qtrace_bpf.vms.tracker import Tracker
 
 
 class FakeMaps:
@@ -265,8 +266,8 @@ def test_forget_removes_every_per_vm_entry(bpf_caps, nothing_left):
     """On the real program: one entry in each per-VM map for two VMs; forget one."""
 
 
-    from qtrace_bpf.catalog import load_catalog
-    from qtrace_bpf.program import QtraceProgram
+    from qtrace_bpf.contract.catalog import load_catalog
+    from qtrace_bpf.program.compiled import QtraceProgram
 
     with QtraceProgram(load_catalog()) as prog:
         for vm in (0x80000101, 0x80000102):

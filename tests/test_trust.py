@@ -15,13 +15,13 @@ import pytest
 from conftest import require
 from elf_fixtures import nm_address
 
-from qtrace_bpf import elf as elfio
-from qtrace_bpf import elfsym, resolver
-from qtrace_bpf.binaries import QemuBinaries
-from qtrace_bpf.binfile import open_binary
-from qtrace_bpf.catalog import load_catalog
-from qtrace_bpf.debuginfod import Debuginfod
+from qtrace_bpf.contract.catalog import load_catalog
 from qtrace_bpf.errors import AttachError, ElfError
+from qtrace_bpf.symbols import elf as elfio
+from qtrace_bpf.symbols import elfsym, resolver
+from qtrace_bpf.symbols.binaries import QemuBinaries
+from qtrace_bpf.symbols.binfile import open_binary
+from qtrace_bpf.symbols.debuginfod import Debuginfod
 
 NOBODY = 65534
 BUILD_ID = "0123456789abcdef0123456789abcdef01234567"

@@ -7,10 +7,10 @@ import re
 import pytest
 from conftest import ROOT
 
-from qtrace_bpf import decoders, kvm_ioctls
-from qtrace_bpf.catalog import absent_in, load_catalog, parse_catalog, version_tuple
-from qtrace_bpf.decoders import cause
-from qtrace_bpf.targets import parse_name, parse_uuid, sanitize_label
+from qtrace_bpf.contract import decoders, kvm_ioctls
+from qtrace_bpf.contract.catalog import absent_in, load_catalog, parse_catalog, version_tuple
+from qtrace_bpf.contract.decoders import cause
+from qtrace_bpf.vms.targets import parse_name, parse_uuid, sanitize_label
 
 FACTS = ROOT / "docs" / "qemu-kvm.md"
 # The facts file's table, as read from <linux/kvm.h> (independent of our _IOC arithmetic).
@@ -120,7 +120,7 @@ def test_shutdown_causes():
 def test_package_manager_temp_files_are_not_attached():
     """A glob sees dpkg's and rpm's half-written files during an upgrade: never attach
     those (their inode becomes the real binary after the rename)."""
-    from qtrace_bpf.targets import _TEMP_NAME
+    from qtrace_bpf.vms.targets import _TEMP_NAME
 
     for name in ("qemu-system-x86_64.dpkg-new", "qemu-system-x86_64.dpkg-tmp",
                  "qemu-kvm;5f3a9c2e", "qemu-system-x86_64.rpmnew"):
@@ -137,7 +137,7 @@ def test_qmp_connect_retries_a_socket_bound_but_not_yet_listening(tmp_path):
     import threading
     import time
 
-    from qtrace_bpf.demo_qemu import connect_qmp
+    from qtrace_bpf.commands.demo_vm import connect_qmp
 
     path = str(tmp_path / "qmp.sock")
     server = socket.socket(socket.AF_UNIX)

@@ -18,10 +18,10 @@ import pytest
 from conftest import DaemonProcess, check_kvm, daemon_toml, free_port, popen, samples
 from elf_fixtures import nm_address
 
-from qtrace_bpf import elf as elfio
-from qtrace_bpf.catalog import load_catalog
-from qtrace_bpf.demo_qemu import DemoQemu
-from qtrace_bpf.targets import running_qemus
+from qtrace_bpf.commands.demo_vm import DemoQemu
+from qtrace_bpf.contract.catalog import load_catalog
+from qtrace_bpf.symbols import elf as elfio
+from qtrace_bpf.vms.targets import running_qemus
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 NOBODY = 65534

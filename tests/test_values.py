@@ -25,7 +25,7 @@ from conftest import (
 )
 from strace_count import strace_argv
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 

@@ -22,7 +22,7 @@ from conftest import (
 )
 from strace_count import count_state_writes, strace_argv, strace_times
 
-from qtrace_bpf.demo_qemu import DemoQemu
+from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
 
@@ -322,7 +322,7 @@ def usdt_semaphore(pid: int, exe: str, name: str) -> int:
     up while a uprobe with that ref_ctr_offset is attached)."""
     import os
 
-    from qtrace_bpf import elf as elfio
+    from qtrace_bpf.symbols import elf as elfio
 
     e, stream = elfio.open_elf(exe, exe)
     with stream:
