@@ -16,21 +16,17 @@ same series:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import threading
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from qtrace_bpf.contract import abi, maps  # noqa: E402
-from qtrace_bpf.contract.catalog import load_catalog  # noqa: E402
-from qtrace_bpf.contract.kvm_ioctls import BY_NAME  # noqa: E402
-from qtrace_bpf.program.compiled import QtraceProgram  # noqa: E402
-from qtrace_bpf.symbols.binaries import QemuBinaries  # noqa: E402
-from qtrace_bpf.vms.tracker import TracedVm, Tracker  # noqa: E402
+from qtrace_bpf.contract import abi, maps
+from qtrace_bpf.contract.catalog import load_catalog
+from qtrace_bpf.contract.kvm_ioctls import BY_NAME
+from qtrace_bpf.program.compiled import QtraceProgram
+from qtrace_bpf.symbols.binaries import QemuBinaries
+from qtrace_bpf.vms.tracker import TracedVm, Tracker
 
 IOCTLS = ["KVM_SET_REGS", "KVM_SET_SREGS2", "KVM_SET_MSRS", "KVM_SET_XSAVE", "KVM_SET_XCRS",
           "KVM_SET_VCPU_EVENTS", "KVM_SET_MP_STATE", "KVM_SET_DEBUGREGS", "KVM_SET_LAPIC",

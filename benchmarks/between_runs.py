@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from harness import BASELINE, Table
-from reset_breakdown import RUNNING, STOPPED
+from benchmarks.harness import BASELINE, Table
+from benchmarks.sections.reset import RUNNING, STOPPED
 
 FLOOR = "floor (empty BPF)"
 Tables = list[tuple[str, Table]]

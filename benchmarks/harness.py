@@ -13,9 +13,40 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks.tracers import Tracer
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 BASELINE = "untraced"
+
+
+@dataclass
+class Ctx:
+    """What every section is given: repetitions, a scale for N (smoke runs), a temp dir,
+    and the kernel hook qtrace takes here."""
+
+    reps: int
+    scale: float
+    tmp: Path
+    hook: str
+
+    def n(self, full: int) -> int:
+        return max(100, int(full * self.scale))
+
+
+def timed_config(tracer: Tracer, run: Callable[[Tracer], list[float]]) \
+        -> Callable[[], list[float]]:
+    """A configuration: start the tracer, run the workload under it, stop the tracer."""
+    def go():
+        tracer.start()
+        try:
+            return run(tracer)
+        finally:
+            tracer.stop()
+    return go
 
 
 def build(name: str, out: Path) -> str:

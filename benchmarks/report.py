@@ -3,9 +3,9 @@ headline ratios checked against the targets (each miss with the reason the data 
 
 from __future__ import annotations
 
-from between_runs import between_runs
-from harness import BASELINE, Table, markdown
-from reset_breakdown import RUNNING, STOPPED
+from benchmarks.between_runs import between_runs
+from benchmarks.harness import BASELINE, Table, markdown
+from benchmarks.sections.reset import RUNNING, STOPPED
 
 FLOOR = "floor (empty BPF)"
 

@@ -14,4 +14,4 @@ apt_ensure bpftrace strace gdb linux-perf systemtap-sdt-dev
 [ -x .venv/bin/python ] || bash scripts/setup.sh
 bash scripts/build-qemu.sh >/dev/null  # the full-DWARF build: resolution, first instructions
 bash scripts/build-qemu.sh --dtrace >/dev/null  # its USDT sites
-exec .venv/bin/python benchmarks/suite.py --runs 3 "$@"
+exec .venv/bin/python -m benchmarks.suite --runs 3 "$@"

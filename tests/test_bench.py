@@ -20,7 +20,7 @@ def test_bench_smoke(tmp_path):
 
     for tool in ("bpftrace", "strace", "gdb"):
         require(tool, shutil.which(tool) is not None, f"apt-get install {tool}")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--smoke",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--smoke",
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from harness import BASELINE, Table  # noqa: E402
-from report import FLOOR, RULE, breakdown, headline, judge, render_report  # noqa: E402
-from reset_breakdown import RUNNING, STOPPED  # noqa: E402
+from benchmarks.harness import BASELINE, Table
+from benchmarks.report import FLOOR, RULE, breakdown, headline, judge, render_report
+from benchmarks.sections.reset import RUNNING, STOPPED
 
 
 def paired(title: str, columns: tuple[str, ...], rows: dict[str, list[list[float]]],
@@ -100,7 +96,7 @@ def test_the_reset_breakdown_adds_up_and_judges_the_total():
 def test_between_runs_shows_each_run_and_the_spread():
     """Three runs of the suite: each headline figure per run and max − min between them; a
     figure one run lacks is a dash, never a zero."""
-    from between_runs import between_runs
+    from benchmarks.between_runs import between_runs
 
     def run(qtrace_ns: float, with_uprobes: bool = True) -> list:
         t = Table("BPF programs' own run time per traced ioctl", ("ns per ioctl",), "ns")

@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import Table, run_shuffled
-from tracers import QtraceDaemon
+from benchmarks.harness import Table, run_shuffled
+from benchmarks.tracers import QtraceDaemon
 
 RESETS = 40
 RUNNING, STOPPED = "qtrace daemon", "daemon SIGSTOPped (probes only)"
