@@ -123,7 +123,7 @@ def rss_mb(pid: int) -> float:
 def scrape_table(ctx: Ctx) -> Table:
     """/metrics at 1k, 10k, 30k series: qtrace's renderer and server beside
     prometheus_client's generate_latest and start_http_server on the same families."""
-    import bench_scrape as bs
+    from benchmarks import bench_scrape as bs
     from prometheus_client import CollectorRegistry, generate_latest
     from qtrace_bpf.exporters.exposition import TEXT
     from qtrace_bpf.exporters.http import Server, make_app
