@@ -109,7 +109,7 @@ class QtraceDaemon(Tracer):
             self.proc = subprocess.Popen([*QPROBE, "daemon", "--config", str(cfg)], cwd=ROOT,
                                          stdout=log, stderr=log)
         deadline = time.monotonic() + 60
-        while not self._get("/-/ready"):
+        while not self.get("/-/ready"):
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 why = self.log.read_text()[-2000:]
                 self.stop()  # the caller's finally covers only a started tracer
@@ -119,7 +119,7 @@ class QtraceDaemon(Tracer):
         self._thread = threading.Thread(target=self._scrape, daemon=True)
         self._thread.start()
 
-    def _get(self, path: str) -> bytes | None:
+    def get(self, path: str) -> bytes | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
                 return r.read()
@@ -128,7 +128,7 @@ class QtraceDaemon(Tracer):
 
     def _scrape(self) -> None:
         while not self._stop.wait(self.scrape):
-            self._get("/metrics")
+            self.get("/metrics")
 
     def stop(self) -> None:
         if self.proc is not None:

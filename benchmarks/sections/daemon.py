@@ -35,7 +35,7 @@ def daemon_costs(ctx: Ctx) -> list[Table]:
                     time.sleep(window)
                     idle_pct = (cpu_seconds(d.proc.pid) - cpu0) / window * 100
                     cpu1 = cpu_seconds(d.proc.pid)
-                    d._get("/metrics")
+                    d.get("/metrics")
                     scrape_cpu = cpu_seconds(d.proc.pid) - cpu1
                     idle.add(f"{count} VMs", [idle_pct, idle_pct + scrape_cpu / 15 * 100,
                                               rss_mb(d.proc.pid)])
@@ -94,7 +94,7 @@ def daemon_costs(ctx: Ctx) -> list[Table]:
 def wait_exported(d: QtraceDaemon, count: int) -> None:
     deadline = time.monotonic() + 60
     while True:
-        body = d._get("/metrics") or b""
+        body = d.get("/metrics") or b""
         if body.count(b"qtrace_vm_info{") >= count:
             return
         if time.monotonic() > deadline:
@@ -123,12 +123,12 @@ def rss_mb(pid: int) -> float:
 def scrape_table(ctx: Ctx) -> Table:
     """/metrics at 1k, 10k, 30k series: qtrace's renderer and server beside
     prometheus_client's generate_latest and start_http_server on the same families."""
-    from benchmarks import bench_scrape as bs
     from prometheus_client import CollectorRegistry, generate_latest
     from qtrace_bpf.exporters.exposition import TEXT
     from qtrace_bpf.exporters.http import Server, make_app
     from qtrace_bpf.exporters.metrics import Exposition, VmCollector
 
+    from benchmarks import bench_scrape as bs
     from qtrace_bpf.contract.catalog import load_catalog
     from qtrace_bpf.program.compiled import QtraceProgram
 

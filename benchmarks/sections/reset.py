@@ -37,7 +37,7 @@ def switches(pid: int) -> int:
 
 
 def lifecycle_hits(daemon: QtraceDaemon) -> float:
-    text = (daemon._get("/metrics") or b"").decode()  # noqa: SLF001 - the bench's own helper
+    text = (daemon.get("/metrics") or b"").decode()
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
                if ln.startswith("qtrace_lifecycle_events_total{"))
 
