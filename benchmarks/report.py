@@ -129,6 +129,10 @@ def headline(tables: list[tuple[str, Table]]) -> list[str]:
             blo, bhi = interval(own, "bpftrace", 0)
             line += (f", bpftrace {b:,.0f} ns (target ≤ bpftrace: "
                      f"{judge(qlo - bhi, qhi - blo, 0.0, ' ns over bpftrace')})")
+        if not word.startswith("met"):
+            line += (f". Where the {q - f:,.0f} ns over the floor go: the map work a counted "
+                     "write needs (the process and ioctl filters, the vCPU by fd, the put "
+                     "level, the in-flight entry between enter and exit, the counter)")
         out.insert(0, line)
     up = _find(tables, "uprobes", "Uprobe path")
     if up is not None and FLOOR in up.rows and "qtrace" in up.rows:
