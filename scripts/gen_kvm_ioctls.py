@@ -4,7 +4,8 @@ linux-libc-dev).
 
 The names and their meaning stay in qtrace_bpf/contract/kvm_ioctls.py; only the compiler
 numbers them.
-tests/test_abi.py fails when the committed file differs from what generate_numbers() gives.
+tests/unit/test_kernel_user_contract.py fails when the committed file differs from what
+generate_numbers() gives.
 """
 
 from __future__ import annotations

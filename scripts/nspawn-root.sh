@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Debian 12 root whose PID 1 is systemd, for tests of the package under a real systemd
-# (tests/test_systemd.py boots it with systemd-nspawn --volatile=overlay: it stays pristine).
+# (tests/integration/test_package_under_systemd.py boots it with systemd-nspawn --volatile=overlay: it stays pristine).
 # Built once with debootstrap from the mirror apt already uses, cached; prints its path.
 # Holds what the qtrace package depends on (so that installing the .deb needs no network),
 # QEMU to run a VM inside, and the kernel headers BCC compiles against.

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The unit tests on exactly Debian 12's Python packages, nothing upgraded from PyPI: the
-# floors in pyproject.toml are what the code really runs with (the .deb depends on these).
-# Extra args go to pytest.
+# The unit tests (tests/unit: every test there is root-free, no BPF, no KVM) on exactly
+# Debian 12's Python packages, nothing upgraded from PyPI: the floors in pyproject.toml are
+# what the code really runs with (the .deb depends on these).  They run as user nobody, which
+# proves the folder's promise: a test there that needed root would fail.  Extra args go to
+# pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/apt-ensure.sh
@@ -21,6 +23,12 @@ bad = {n: v for n, v in got.items() if v != want[n]}
 assert not bad, f"not Debian 12's versions: {bad} (something upgraded them from PyPI)"
 print("test-debian-deps: " + ", ".join(f"{n} {v}" for n, v in got.items()))
 PY
-exec "$venv/bin/python" -m pytest -ra -p no:cacheprovider tests/test_units.py \
-  tests/test_decoders.py tests/test_layout.py tests/test_abi.py tests/test_elfsym.py \
-  tests/test_debuginfod.py tests/test_tracker.py tests/test_http.py tests/test_trust.py "$@"
+as_user=()
+if [ "$(id -u)" = 0 ]; then
+  home=$(mktemp -d /tmp/qtrace-unit-home.XXXXXX)
+  chown 65534:65534 "$home"
+  trap 'rm -rf "$home"' EXIT
+  as_user=(setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all
+           env HOME="$home" HYPOTHESIS_STORAGE_DIRECTORY="$home/hypothesis")
+fi
+"${as_user[@]}" "$venv/bin/python" -m pytest -ra -p no:cacheprovider tests/unit "$@"

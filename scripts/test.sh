@@ -19,7 +19,7 @@ bash scripts/build-qemu.sh --dtrace >/dev/null \
 # The unit tests once more on Debian 12's own Python packages (what the .deb runs on).
 bash scripts/test-debian-deps.sh -q
 # The package on Debian 12 and 13, each booted on its own kernel under TCG
-# (tests/test_debian_hosts.py, scripts/debian-vm.sh): ~25 min warm, ~35 cold.
+# (tests/integration/test_debian_hosts.py, scripts/debian-vm.sh): ~25 min warm, ~35 cold.
 # QTRACE_DEBIAN_VM=0 leaves that tier out of a local run.
 export QTRACE_DEBIAN_VM=${QTRACE_DEBIAN_VM:-1}
 exec .venv/bin/python -m pytest -ra "$@"

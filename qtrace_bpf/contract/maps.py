@@ -3,7 +3,7 @@ go with the VM, and for a counter map what its key means and which metric family
 
 Why: watch's summary, the Prometheus collector and Tracker.forget() all walk the counter
 maps; each reads this table instead of repeating names.  probes/qtrace.bpf.c is the only
-other place a map is named (tests/test_layout.py checks both sides).
+other place a map is named (tests/unit/test_layout.py checks both sides).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ COUNTERS: tuple[CounterMap, ...] = (WRITES, ERRORS, LIFECYCLE, VALUE_CHANGES, RE
                                     STEP_DURATIONS)
 
 # Key and value types by their C names (abi.ctype); the same as the QT_HASH/QT_ARRAY lines
-# of qtrace.bpf.c (tests/test_abi.py compares them with BCC's compile).
+# of qtrace.bpf.c (tests/integration/test_compiled_program.py compares them with BCC's).
 TYPES: dict[str, tuple[str, str]] = {
     PROCS: ("u32", "proc_state"), VCPU_FDS: ("vcpu_key", "s32"), LAST_VAL: ("val_key", "u64"),
     PROBE_CFG: ("int", "probe_cfg"), WATCHED: ("u32", "u32"), EVENTS_LOST: ("int", "u64"),

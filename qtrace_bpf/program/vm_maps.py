@@ -2,7 +2,7 @@
 writes, the per-VM entries it deletes, and the counters watch and the exporter read.
 
 Why a Protocol: Tracker takes `TrackerMaps`, not the program; the unit tests' fake
-implements the same Protocol (tests/test_tracker.py checks its signatures), so the two
+implements the same Protocol (tests/unit/test_tracker.py checks its signatures), so the two
 cannot drift.  Key and value layouts are BCC's compile of probes/qtrace.h.
 """
 

@@ -1,6 +1,6 @@
 """Run inside a Debian guest (scripts/debian-vm.sh) where the qtrace package is installed and
 its service runs: drive nested QEMU/KVM VMs and the service, record what happened, and
-leave the judging to tests/test_debian_hosts.py on the host.
+leave the judging to tests/integration/test_debian_hosts.py on the host.
 
 Debian's packages only (the guest has no pytest, no qemu.qmp): a small QMP client here.
 
