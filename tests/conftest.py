@@ -27,6 +27,11 @@ collect_ignore = ([] if os.environ.get("QTRACE_DEBIAN_VM") == "1"
 NEEDS = ("bpf", "kvm", "root", "debian_vm")
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite the golden files (tests/unit/golden/) from this run")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """A marker says what a test needs; where a test lives must agree with it."""
     unit, integration = ROOT / "tests" / "unit", ROOT / "tests" / "integration"
