@@ -23,8 +23,10 @@ run() {  # name, expectation, pytest args...   (SABOTAGE_ONLY="a b": only those 
     git checkout -q -- .; return; fi
   local log="${TMPDIR:-/tmp}/sabotage-$name.log" got
   if timeout "${SABOTAGE_TIMEOUT:-900}" "$PY" -m pytest -q -x -p no:cacheprovider "$@" >"$log" 2>&1; then got=PASSED; else got=FAILED; fi
-  # a run that only skipped proved nothing (BCC or KVM missing): say so
+  # a run that only skipped proved nothing (BCC or KVM missing): say so; a red that no test
+  # gave (a plugin or conftest that cannot load, a usage error) proves nothing either
   if [ "$got" = PASSED ] && ! grep -qE '[0-9]+ passed' "$log"; then got=SKIPPED; fi
+  if [ "$got" = FAILED ] && ! grep -qE '^(FAILED|ERROR) tests/\S+::' "$log"; then got=BROKEN; fi
   printf '%-14s %s (want %s)  %s\n' "$name" "$got" "$want" "$(grep -m1 -E '^(FAILED|ERROR)' "$log")"
   git checkout -q -- .
 }
