@@ -121,10 +121,12 @@ class VmCollector:
         out.append(self._unexpected(sums[maps.WRITES.name]))
         out.append(durations(sums[maps.STEP_DURATIONS.name]))
         out += self._values(vms)
+        kube = decoders.kubevirt_name if d.kubevirt_names else lambda _vm: ("", "")
         out.append(Family(
-            "qtrace_vm_info", "One series per traced VM, value 1", "gauge",
-            ("vm", "pid", "uuid", "qemu_version", "build_id"),
-            {(vm.name, str(vm.pid), vm.uuid, vm.qemu_version, vm.build_id): 1
+            "qtrace_vm_info", "One series per traced VM, value 1 (namespace and name: the "
+            "KubeVirt VMI, when kubevirt_names is on and the domain is NAMESPACE_NAME)", "gauge",
+            ("vm", "pid", "uuid", "qemu_version", "build_id", "namespace", "name"),
+            {(vm.name, str(vm.pid), vm.uuid, vm.qemu_version, vm.build_id, *kube(vm.name)): 1
              for vm in vms.values()}))
         self.last_seconds = time.perf_counter() - started
         return out

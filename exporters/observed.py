@@ -71,3 +71,4 @@ class Observed(Protocol):
     binaries: Binaries
     http: HttpCounters | None  # None before the server starts
     resource_errors: dict[str, int]  # errno name -> times the loop ran out and retried
+    kubevirt_names: bool  # split NAMESPACE_NAME domain names into namespace and name labels

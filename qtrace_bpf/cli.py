@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from qtrace_bpf import version_text
+from qtrace_bpf import procfs, version_text
 from qtrace_bpf.errors import QtraceError
 from qtrace_bpf.log import null_log
 from qtrace_bpf.program import kernel_hook
@@ -200,6 +200,7 @@ def load(config_path: str | None, owner: str | None) -> None:
 
     cfg = load_config(config_path)
     setup(cfg.log_level, cfg.log_format)
+    procfs.use(cfg.proc_root)  # the program reports pids as that proc numbers them
     from qtrace_bpf.bpf.pins import is_bpffs
 
     if not cfg.bpf_pin_root or not is_bpffs(cfg.bpf_pin_root):

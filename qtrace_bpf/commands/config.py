@@ -12,6 +12,7 @@ import difflib
 import tomllib
 from dataclasses import dataclass, field, replace
 
+from qtrace_bpf import procfs
 from qtrace_bpf.errors import QtraceError
 from qtrace_bpf.exporters.webconfig import WebConfig, load_web_config, parse_web_config
 from qtrace_bpf.logfmt import LOG_FORMATS, LOG_LEVELS
@@ -53,6 +54,12 @@ class Config:
     web_config_file: str = ""  # Prometheus exporter-toolkit web config (YAML)
     # Maps and probe links pinned here survive a restart ("" = no pins: a restart is a gap)
     bpf_pin_root: str = "/sys/fs/bpf/qtrace"
+    # Where the host's processes are read (a container that traces its host mounts the
+    # host's /proc elsewhere: proc_root = "/host/proc", --path.procfs)
+    proc_root: str = "/proc"
+    # KubeVirt names a VM's domain NAMESPACE_NAME: qtrace_vm_info then carries namespace and
+    # name labels, as kubevirt_vmi_* do (on for a cluster's nodes, off for a plain host)
+    kubevirt_names: bool = False
     keep_on_exit: bool = True  # SIGTERM keeps the pins (restart, upgrade); false removes all
     web: WebConfig = field(default_factory=WebConfig)  # TLS and basic auth, from either
 
@@ -132,6 +139,13 @@ def _path(key: str, value: object) -> str:
     return path
 
 
+def _proc_root(key: str, value: object) -> str:
+    problem = procfs.problem(_string(key, value))
+    if problem:
+        raise QtraceError(f"{key} = {value!r}: {problem}")
+    return value
+
+
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str):
         raise QtraceError(f"{key} = {value!r}: expected a string")
@@ -161,6 +175,8 @@ _KEYS = {
     "max_connections": lambda k, v: _number(k, v, integer=True, lo=16, hi=65536),
     "web_config_file": _string,
     "bpf_pin_root": _string,
+    "proc_root": _proc_root,
+    "kubevirt_names": lambda k, v: _bool(k, v),
     "keep_on_exit": lambda k, v: _bool(k, v),
 }
 _WEB_KEYS = ("tls", "basic_auth_users")  # TOML spelling of the web config's two parts

@@ -17,7 +17,7 @@ import resource
 import time
 from collections.abc import Callable
 
-from qtrace_bpf import __version__, build_info, revision
+from qtrace_bpf import __version__, build_info, procfs, revision
 from qtrace_bpf.bpf import pins
 from qtrace_bpf.commands.config import Config
 from qtrace_bpf.commands.service import Notifier, Signals, sock_address, systemd_sockets
@@ -69,6 +69,7 @@ class Daemon:
         self.forgotten: list[Callable[[TracedVm], None]] = []
         self.stage = "starting"
         self.ready = False
+        self.kubevirt_names = cfg.kubevirt_names
         self._last_scan = 0.0
         self.signals = Signals()
         self.http = None  # the /metrics server, for its self-metrics
@@ -251,6 +252,7 @@ def run_daemon(cfg: Config, systemd_socket: bool = False) -> int:
     from qtrace_bpf.exporters.metrics import Exposition
 
     setup(cfg.log_level, cfg.log_format)
+    procfs.use(cfg.proc_root)  # before any pid is read, or a program compiled
     signals = Signals()
     signals.install()
     started = time.monotonic()

@@ -30,6 +30,10 @@ HOOK_CHOICE = click.Choice(["auto", *MODES])
                                  "tls_server_config, basic_auth_users), as node_exporter takes.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config file (the package installs /etc/qtrace/qtrace.toml).")
+@click.option("--path.procfs", "proc_root", default=None, metavar="DIR",
+              help="Where the host's processes are read (default: the config's proc_root, "
+                   "else /proc).  In a container without hostPID, mount the host's /proc "
+                   "(e.g. at /host/proc) and name it here.")
 @click.option("--hook", type=HOOK_CHOICE, default=None,
               help="Kernel hook on KVM ioctls (default: the config's, else auto).")
 @click.option("--log.level", "log_level", type=click.Choice(LOG_LEVELS), default=None,
@@ -43,7 +47,8 @@ HOOK_CHOICE = click.Choice(["auto", *MODES])
               help="Check the config and web config (types, ranges, certificates, bcrypt "
                    "hashes), print what was found, exit 0 or 1; attaches nothing.")
 def daemon(listen_addresses: tuple[str, ...], systemd_socket: bool, telemetry_path: str | None,
-           web_config_file: str | None, config_path: str | None, hook: str | None,
+           web_config_file: str | None, config_path: str | None, proc_root: str | None,
+           hook: str | None,
            log_level: str | None, log_format: str | None, old_listen: str | None,
            old_log_level: str | None, check_config: bool) -> None:
     """Trace every QEMU on this host and serve Prometheus metrics.
@@ -56,7 +61,7 @@ def daemon(listen_addresses: tuple[str, ...], systemd_socket: bool, telemetry_pa
       qtrace_lifecycle_events_total{vm,event}
       qtrace_vm_resets_total{vm,cause}
       qtrace_kvm_ioctl_errors_total{vm,ioctl}
-      qtrace_vm_info{vm,pid,uuid,qemu_version,build_id}
+      qtrace_vm_info{vm,pid,uuid,qemu_version,build_id,namespace,name}
     plus self-metrics (probes attached/missing, kernel hook, events lost, ...),
     a landing page at / and /-/healthy.
 
@@ -76,7 +81,7 @@ def daemon(listen_addresses: tuple[str, ...], systemd_socket: bool, telemetry_pa
     listen = list(listen_addresses) or ([old_listen] if old_listen else None)
     overrides = dict(listen=listen, kernel_hook=hook, log_level=log_level or old_log_level,
                      log_format=log_format, telemetry_path=telemetry_path,
-                     web_config_file=web_config_file)
+                     web_config_file=web_config_file, proc_root=proc_root)
     if check_config:
         try:
             cfg = load_config(config_path, **overrides)
@@ -88,7 +93,8 @@ def daemon(listen_addresses: tuple[str, ...], systemd_socket: bool, telemetry_pa
             click.echo(f"qprobe: web config: {warning}", err=True)
         scheme = "https" if cfg.web.tls else "http"
         click.echo(f"config OK: listen {', '.join(cfg.listen)} ({scheme}{auth}), "
-                   f"max_vms {cfg.max_vms}, kernel hook {cfg.kernel_hook}")
+                   f"max_vms {cfg.max_vms}, kernel hook {cfg.kernel_hook}"
+                   + (f", processes from {cfg.proc_root}" if cfg.proc_root != "/proc" else ""))
         sys.exit(0)
     from qtrace_bpf.commands.daemon import run_daemon
 

@@ -7,6 +7,7 @@ readable placeholder (phase-7, cause-12, KVM_IOCTL_0x...) and is counted in DECO
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from qtrace_bpf.contract import abi
@@ -76,3 +77,18 @@ def event_name(slot: int, catalog: Catalog) -> str:
         return catalog.by_slot(slot).event
     DECODE_ERRORS["probe"] += 1
     return f"probe-{slot}"
+
+
+# KubeVirt names a VMI's libvirt domain (so QEMU's -name guest=) NAMESPACE_NAME: a
+# namespace is a DNS-1123 label (no "_"), a VM name a DNS-1123 subdomain.
+_KUBEVIRT = re.compile(r"([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)_"
+                       r"([a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?)")
+VM_LABEL_MAX = 64  # the `vm` label's length cap (vms.targets.VM_NAME_MAX): a cut name
+
+
+def kubevirt_name(vm: str) -> tuple[str, str]:
+    """(namespace, name) of a KubeVirt domain name, so that qtrace_vm_info joins
+    kubevirt_vmi_*; ("", "") for any other name, and for a `vm` label that may have been cut
+    to its length cap (its name would be wrong)."""
+    m = _KUBEVIRT.fullmatch(vm) if len(vm) < VM_LABEL_MAX else None
+    return (m.group(1), m.group(2)) if m else ("", "")

@@ -11,6 +11,7 @@ import signal
 import tempfile
 import threading
 
+from qtrace_bpf import procfs
 from qtrace_bpf.contract import abi
 from qtrace_bpf.program import kernel_hook
 from qtrace_bpf.program.preflight import resource_problem
@@ -27,23 +28,12 @@ def uprobe_mode() -> str:
     return "multi" if kernel_hook.uprobe_multi() else "perf"
 
 
-# The host's PID namespace (PROC_PID_INIT_INO): there BPF's own ids are ours.
-INIT_PIDNS_INO = 0xEFFFFFFC
-
-
-def pid_namespace() -> tuple[int, int] | None:
-    """(nsfs dev, inode) of this process's PID namespace when it is not the host's: the BPF
-    program then reports pids as this namespace numbers them (kernel >= 5.7)."""
-    st = os.stat("/proc/self/ns/pid")
-    return None if st.st_ino == INIT_PIDNS_INO else (st.st_dev, st.st_ino)
-
-
 def cflags(mode: str, *, discovery: bool = True, write_events: bool = True,
            max_vms: int = 1024, max_vcpus: int = 64, pin_dir: str | None = None) -> list[str]:
     """How probes/qtrace.bpf.c is compiled for one kernel hook and one use."""
     flags = [f"-DQTRACE_HOOK_{mode.upper()}", f"-I{abi.include_dir()}",
              f"-DMAX_VMS={max_vms}", f"-DMAX_VCPUS={max_vcpus}", "-Wno-unused-function"]
-    ns = pid_namespace()
+    ns = procfs.pid_namespace()
     if ns:
         flags += [f"-DQTRACE_PIDNS_DEV={ns[0]}ULL", f"-DQTRACE_PIDNS_INO={ns[1]}ULL"]
     if pin_dir:

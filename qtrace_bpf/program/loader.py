@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from qtrace_bpf import procfs
 from qtrace_bpf.bpf import bpfsys
 from qtrace_bpf.bpf.pins import PinDir, remove_pins
 from qtrace_bpf.contract import abi
@@ -77,7 +78,7 @@ def identity(catalog: Catalog, max_vms: int, max_vcpus: int) -> str:
     h = hashlib.sha256()
     for name in ("qtrace.bpf.c", abi.HEADER, "fentry_check.bpf.c"):
         h.update(bpf_source(name).encode())
-    h.update(f"{max_vms}x{max_vcpus};{bcc_compile.pid_namespace()};".encode())
+    h.update(f"{max_vms}x{max_vcpus};{procfs.pid_namespace()};".encode())
     h.update("".join(f"{p.slot}:{p.action};" for p in catalog.probes).encode())
     return h.hexdigest()[:16]
 
@@ -156,6 +157,7 @@ def ensure(pin_dir: str, hook: str | None, max_vms: int, max_vcpus: int,
     log("running the BPF loader", reason="no complete program of this build pinned")
     argv = [sys.executable, "-m", "qtrace_bpf.program.loader", "--pin-dir", pin_dir,
             "--hook", hook or "auto", "--max-vms", str(max_vms), "--max-vcpus", str(max_vcpus),
+            "--proc-root", procfs.root(),
             "--log-level", logging.getLevelName(logging.getLogger("qtrace").getEffectiveLevel()),
             "--log-format", "json" if any(getattr(h.formatter, "as_json", False)
                                           for h in logging.getLogger().handlers) else "logfmt"]
@@ -204,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-vcpus", type=int, default=64)
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--log-format", default="logfmt", choices=("logfmt", "json"))
+    ap.add_argument("--proc-root", default=procfs.DEFAULT)
     args = ap.parse_args(argv)
     setup(args.log_level, args.log_format)
     log = logger_fn(logging.getLogger("qtrace"))
     try:
+        procfs.use(args.proc_root)
         with bcc_compile.signals_held():  # a signal must not leave half a pin directory
             made = load(args.pin_dir, args.hook, args.max_vms, args.max_vcpus, log)
     except QtraceError as exc:

@@ -22,6 +22,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from qtrace_bpf import procfs
 from qtrace_bpf.errors import AttachError
 
 FileKey = tuple[int, int]  # (st_dev, st_ino)
@@ -82,7 +83,7 @@ def _names(fd: int, key: FileKey, display: str, pid: int | None) -> tuple[str, s
     except OSError:
         pass
     if pid is not None:
-        cands.append((f"/proc/{pid}/root", display))
+        cands.append((procfs.path(pid, "root"), display))
     for root, path in cands:
         if not path.startswith("/"):
             continue

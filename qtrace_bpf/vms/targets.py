@@ -13,10 +13,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from qtrace_bpf import procfs
+from qtrace_bpf.contract.decoders import VM_LABEL_MAX
 from qtrace_bpf.errors import QtraceError
 
 _VCPU_FD_RE = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
-VM_NAME_MAX = 64
+VM_NAME_MAX = VM_LABEL_MAX
 
 
 DELETED = " (deleted)"
@@ -79,7 +81,7 @@ def sanitize_label(name: str, limit: int = VM_NAME_MAX) -> str:
 
 
 def read_cmdline(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
+    with open(procfs.path(pid, "cmdline"), "rb") as f:
         raw = f.read()
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
@@ -93,22 +95,22 @@ def open_target(pid: int) -> Target:
     """The VM behind `pid`, or a QtraceError saying why it is not one we can trace."""
     if pid <= 0:
         raise QtraceError(f"pid {pid}: not a valid process id")
-    if not os.path.exists(f"/proc/{pid}"):
+    if not os.path.exists(procfs.path(pid)):
         raise QtraceError(f"pid {pid}: no such process")
     started = start_time(pid)
     try:
-        exe = os.readlink(f"/proc/{pid}/exe")
+        exe = os.readlink(procfs.path(pid, "exe"))
         argv = read_cmdline(pid)
     except PermissionError:
         raise QtraceError(
-            f"pid {pid}: permission denied reading /proc/{pid}/exe (run as root, or with "
+            f"pid {pid}: permission denied reading {procfs.path(pid, 'exe')} (run as root, or with "
             "CAP_SYS_PTRACE)") from None
     except FileNotFoundError:
         raise QtraceError(f"pid {pid}: no such process (or a kernel thread)") from None
     if not is_qemu_exe(exe):
         raise QtraceError(f"pid {pid}: not a QEMU process (exe is {exe})")
     name = parse_name(argv) or f"pid-{pid}"
-    return Target(pid, started, exe.removesuffix(DELETED), f"/proc/{pid}/exe",
+    return Target(pid, started, exe.removesuffix(DELETED), procfs.path(pid, "exe"),
                   sanitize_label(name), parse_uuid(argv), vcpu_fds(pid))
 
 
@@ -116,12 +118,12 @@ def vcpu_fds(pid: int) -> dict[int, int]:
     """fd -> vCPU id for the vCPU fds a running QEMU already holds."""
     out: dict[int, int] = {}
     try:
-        entries = os.listdir(f"/proc/{pid}/fd")
+        entries = os.listdir(procfs.path(pid, "fd"))
     except OSError:
         return out
     for entry in entries:
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{entry}")
+            link = os.readlink(procfs.path(pid, "fd", entry))
         except OSError:
             continue
         m = _VCPU_FD_RE.match(link)
@@ -133,12 +135,13 @@ def vcpu_fds(pid: int) -> dict[int, int]:
 def start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, names a process."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(procfs.path(pid, "stat"), "rb") as f:
             stat = f.read()
     except FileNotFoundError:
         raise QtraceError(f"pid {pid}: no such process") from None
     except OSError as exc:
-        raise QtraceError(f"pid {pid}: cannot read /proc/{pid}/stat: {exc.strerror}") from None
+        raise QtraceError(f"pid {pid}: cannot read {procfs.path(pid, 'stat')}: "
+                          f"{exc.strerror}") from None
     # comm (field 2) may hold spaces and parentheses: count from the last ')'
     return int(stat[stat.rindex(b")") + 2:].split()[19])
 
@@ -154,11 +157,11 @@ def alive(pid: int, started: int) -> bool:
 def running_qemus() -> dict[int, int]:
     """pid -> start time of every QEMU process now."""
     out = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir(procfs.root()):
         if not entry.isdigit():
             continue
         try:
-            if is_qemu_exe(os.readlink(f"/proc/{entry}/exe")):
+            if is_qemu_exe(os.readlink(procfs.path(entry, "exe"))):
                 out[int(entry)] = start_time(int(entry))
         except (OSError, QtraceError):
             continue

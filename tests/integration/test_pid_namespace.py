@@ -102,12 +102,13 @@ def test_the_program_is_compiled_for_the_namespace_it_runs_in():
     """Outside the host's PID namespace the loader passes that namespace to the program."""
     out = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", os.environ.get("PYTHON", QPROBE[0]),
-         "-c", "from qtrace_bpf.program.bcc_compile import cflags, pid_namespace; "
+         "-c", "from qtrace_bpf.program.bcc_compile import cflags; "
+               "from qtrace_bpf.procfs import pid_namespace; "
                "print(pid_namespace()); print(' '.join(cflags('tracepoint')))"],
         capture_output=True, text=True, cwd=ROOT, timeout=60)
     ns, flags = out.stdout.splitlines()
     assert ns != "None" and "-DQTRACE_PIDNS_INO=" in flags, out
-    host = subprocess.run([QPROBE[0], "-c", "from qtrace_bpf.program.bcc_compile import "
+    host = subprocess.run([QPROBE[0], "-c", "from qtrace_bpf.procfs import "
                            "pid_namespace; print(pid_namespace())"],
                           capture_output=True, text=True, cwd=ROOT)
     assert host.stdout.strip() == "None", host

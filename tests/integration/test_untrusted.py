@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.caps import check_kvm
+from support.containers import container
 from support.elf_fixtures import nm_address
 from support.processes import popen
 from support.qprobe import DaemonProcess, daemon_toml
@@ -166,21 +167,6 @@ def test_fakes_of_an_unprivileged_user_steer_no_breakpoint(gcc, tmp_path):
         shutil.rmtree(bomb_dir)
 
 
-CONTAINER = r"""
-set -eu
-R=$1; QEMU=$2; shift 2
-mount -t tmpfs -o mode=755 rootfs "$R"
-mkdir -p "$R/usr/bin" "$R/usr/lib" "$R/usr/lib64" "$R/usr/share" "$R/dev" "$R/proc" \
-         "$R/old" "$R/run"
-ln -s usr/lib "$R/lib"; ln -s usr/lib64 "$R/lib64"
-for d in usr/lib usr/lib64 usr/share dev; do mount --rbind "/$d" "$R/$d"; done
-cp "$QEMU" "$R/usr/bin/qemu-system-x86_64"
-mount -t proc proc "$R/proc"
-cd "$R"
-pivot_root . old
-/old/usr/bin/umount -l /old
-exec /usr/bin/qemu-system-x86_64 "$@"
-"""
 
 
 def test_a_qemu_in_a_container_is_trusted_through_its_own_root(tmp_path):
@@ -196,8 +182,7 @@ def test_a_qemu_in_a_container_is_trusted_through_its_own_root(tmp_path):
     daemon = DaemonProcess(cfg, port)
     ctr = None
     try:
-        ctr = popen(["unshare", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "sh", "-c",
-                     CONTAINER, "sh", str(root), str(real), "-accel", "kvm", "-machine", "q35",
+        ctr = popen([*container(root), str(real), "-accel", "kvm", "-machine", "q35",
                      "-m", "64", "-display", "none", "-nodefaults", "-boot",
                      "reboot-timeout=500", "-name", "guest=ctr-vm"],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

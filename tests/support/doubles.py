@@ -116,6 +116,7 @@ class FakeObserved:
         self.binaries = SimpleNamespace(plans={}, errors={}, untrusted_total=0)
         self.http: SimpleNamespace | None = None
         self.resource_errors: dict[str, int] = {}
+        self.kubevirt_names = False
 
     def start(self, hook_mode: str = "fentry", uprobes: str = "multi") -> FakeProgramMaps:
         """The program loaded: returns its maps, to fill."""

@@ -219,3 +219,17 @@ def test_while_starting_only_the_self_metrics_answer():
     assert samples(m, "qtrace_startup_info") == [({"stage": "loading the BPF program"}, 1)]
     assert not [n for n in m if n.startswith("qtrace_vm_") or n.startswith("qtrace_kvm_")]
     assert "qtrace_kernel_hook_info" not in m
+
+
+def test_kubevirt_domains_carry_namespace_and_name_when_asked():
+    """A virt-launcher's domain is NAMESPACE_NAME: with kubevirt_names, qtrace_vm_info
+    carries the VMI's namespace and name (the labels kubevirt_vmi_* join on); off, or for
+    a name of another shape, both are empty (no label)."""
+    d = a_host()
+    d.add_vm(7, 4747, "prod_db-7")
+    off = {lab["vm"]: lab for lab, _ in samples(parsed(d), "qtrace_vm_info")}
+    assert "namespace" not in off["prod_db-7"] and "name" not in off["prod_db-7"]
+    d.kubevirt_names = True
+    on = {lab["vm"]: lab for lab, _ in samples(parsed(d), "qtrace_vm_info")}
+    assert (on["prod_db-7"]["namespace"], on["prod_db-7"]["name"]) == ("prod", "db-7")
+    assert "namespace" not in on["web"]

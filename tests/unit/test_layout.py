@@ -17,8 +17,8 @@ PACKAGES = {"qtrace_bpf": "qtrace_bpf", "exporters": "qtrace_bpf.exporters"}
 BPF_C = (ROOT / "probes" / "qtrace.bpf.c").read_text()
 
 # The layers, lowest first: a module may import its own subpackage and the layers listed
-# for it, nothing else of the package.  "base" is errors, log and logfmt at the top.
-BASE = {"qtrace_bpf.errors", "qtrace_bpf.log", "qtrace_bpf.logfmt"}
+# for it, nothing else of the package.  "base" is errors, log, logfmt and procfs at the top.
+BASE = {"qtrace_bpf.errors", "qtrace_bpf.log", "qtrace_bpf.logfmt", "qtrace_bpf.procfs"}
 MAY_IMPORT = {
     "contract": {"base"},
     "bpf": {"base"},

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from support import ROOT
+from support import QPROBE, ROOT
 from support.caps import require
 
 from qtrace_bpf.commands.config import DEFAULT_PORT, load_config
@@ -82,6 +82,27 @@ def test_flags_override_config(tmp_path):
     with pytest.raises(QtraceError, match="not valid TOML"):
         f.write_text("listen = \n")
         load_config(str(f))
+
+
+@pytest.mark.parametrize("where,message", [
+    ("/nonexistent-proc", "no such directory"),
+    ("/sys", "not a proc filesystem (sysfs)"),
+    ("TMP", "not a proc filesystem (not a mount point)"),
+])
+def test_a_proc_root_that_is_no_proc_is_one_clear_line(tmp_path, where, message):
+    """--path.procfs names the host's /proc mounted into a container: anything else is
+    refused before a pid is read (a wrong one would name every VM after the wrong process)."""
+    where = str(tmp_path) if where == "TMP" else where
+    with pytest.raises(QtraceError, match=re.escape(message)):
+        load_config(None, proc_root=where)
+    r = subprocess.run([*QPROBE, "daemon", "--check-config", f"--path.procfs={where}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"qprobe: config error: proc_root = {where!r}: {message}" +
+        ("" if message == "no such directory" else
+         ": mount the host's /proc there (e.g. -v /proc:/host/proc:ro) or leave it at /proc")]
+    assert load_config(None, proc_root="/proc/").proc_root == "/proc/"
 
 
 def test_promtool_check_and_unit_tests():

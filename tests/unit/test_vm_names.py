@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from qtrace_bpf.contract.decoders import kubevirt_name
 from qtrace_bpf.vms.targets import parse_name, parse_uuid, sanitize_label
 
 
@@ -42,3 +43,17 @@ def test_package_manager_temp_files_are_not_attached():
         assert _TEMP_NAME.search(f"/usr/bin/{name}"), name
     for name in ("qemu-system-x86_64", "qemu-system-x86_64-microvm", "qemu-kvm"):
         assert not _TEMP_NAME.search(f"/usr/bin/{name}"), name
+
+
+@pytest.mark.parametrize("vm,labels", [
+    ("prod_vm-1", ("prod", "vm-1")),
+    ("kube-system_db.example", ("kube-system", "db.example")),
+    ("web1", ("", "")),  # a plain domain
+    ("Prod_vm", ("", "")),  # not a DNS label: upper case
+    ("a_b_c", ("", "")),  # the name part has a "_": not KubeVirt's
+    ("_vm", ("", "")),
+    ("ns_" + "v" * 61, ("", "")),  # 64 characters: maybe cut to the label's cap
+    ("ns_" + "v" * 60, ("ns", "v" * 60)),
+])
+def test_kubevirt_domain_names_split_into_namespace_and_name(vm, labels):
+    assert kubevirt_name(vm) == labels
