@@ -63,15 +63,38 @@ def use(proc_root: str) -> None:
     _root = proc_root.rstrip("/") or DEFAULT
 
 
+def _members(limit: int = 256) -> list[int]:
+    """Pids of processes in exactly the PID namespace this proc shows (NSpid has one entry:
+    no deeper namespace), a few, the first ones first."""
+    names = sorted(int(e) for e in os.listdir(_root) if e.isdigit())[:limit]
+    found = []
+    for pid in names:
+        try:
+            with open(path(pid, "status")) as f:
+                nspid = next((ln.split()[1:] for ln in f if ln.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(nspid) == 1:
+            found.append(pid)
+    return found
+
+
 def pid_namespace() -> tuple[int, int] | None:
     """(nsfs dev, inode) of the PID namespace this proc shows, unless it is the host's: the
     BPF program then reports pids as that namespace numbers them (kernel >= 5.7).  For
-    /proc that is this process's own namespace; for another root, the namespace of its
-    pid 1 (a host /proc mounted into a container: the host's)."""
-    where = "/proc/self/ns/pid" if _root == DEFAULT else path(1, "ns", "pid")
-    try:
-        st = os.stat(where)
-    except OSError as exc:
-        raise QtraceError(f"cannot tell which PID namespace {_root} shows: {where}: "
-                          f"{exc.strerror} (needs CAP_SYS_PTRACE)") from None
+    /proc that is this process's own namespace; for another root (a host's /proc mounted
+    into a container), the namespace of a process that lives in it (pid 1 may refuse even
+    root a look at its namespace: the next one will do)."""
+    if _root == DEFAULT:
+        st = os.stat("/proc/self/ns/pid")
+    else:
+        for pid in _members():
+            try:
+                st = os.stat(path(pid, "ns", "pid"))
+                break
+            except OSError:
+                continue
+        else:
+            raise QtraceError(f"cannot tell which PID namespace {_root} shows: no process's "
+                              f"{_root}/PID/ns/pid can be read (needs CAP_SYS_PTRACE)")
     return None if st.st_ino == INIT_PIDNS_INO else (st.st_dev, st.st_ino)

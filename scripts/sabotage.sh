@@ -141,6 +141,24 @@ SABOTAGE_EXPECT='without a marker' run unmarked FAILED tests/integration/test_ke
 # /metrics against its golden page: a family renamed
 edit exporters/metrics.py '"qtrace_vm_resets_following_host",' '"qtrace_vm_resets_after_host",'
 run golden_page FAILED tests/unit/test_exporter.py -k golden
+# Containers: KubeVirt's namespace/name dropped; proc_root taken but not used; the program
+# numbering pids as the daemon's own namespace does whatever proc_root shows
+edit exporters/metrics.py '*kube(vm.name)): 1' '"", ""): 1'
+run kubevirt_label FAILED tests/unit/test_exporter.py tests/integration/test_containers.py -k "kubevirt"
+edit qtrace_bpf/procfs.py '    _root = proc_root.rstrip("/") or DEFAULT' '    _root = DEFAULT'
+run proc_root FAILED tests/integration/test_containers.py
+edit qtrace_bpf/procfs.py '    if _root == DEFAULT:
+        st = os.stat("/proc/self/ns/pid")' '    if True:
+        st = os.stat("/proc/self/ns/pid")'
+run proc_pidns FAILED tests/integration/test_containers.py
+# Kubernetes: the rule file changed and the PrometheusRule not regenerated; a key the
+# ServiceMonitor's CRD does not know; a capability more than the unit's
+edit exporters/prometheus/qtrace-alerts.yml '      - alert: QtraceDown' '      - alert: QtraceIsDown'
+run prometheusrule FAILED tests/unit/test_kubernetes_manifests.py -k "rule_file"
+edit deploy/kubernetes/servicemonitor.yaml '    honorLabels: true' '    honorLabel: true'
+run crd_key FAILED tests/unit/test_kubernetes_manifests.py -k "crds"
+edit deploy/kubernetes/daemonset.yaml '            add: [BPF, PERFMON, SYS_PTRACE, DAC_READ_SEARCH]' '            add: [BPF, PERFMON, SYS_PTRACE, DAC_READ_SEARCH, SYS_ADMIN]'
+run daemon_caps FAILED tests/unit/test_kubernetes_manifests.py -k "capabilities"
 # The package: lintian clean, the demo not shipped, an administrator's files kept on purge
 edit debian/control 'Maintainer: Seed 1a4b9429 maintainers <maintainers@users.noreply.b-seed-1a4b9429.example>' 'Maintainer: qtrace developers <qtrace-devel@localhost>'
 run lintian FAILED tests/integration/test_package.py -k "lintian"

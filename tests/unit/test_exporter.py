@@ -228,8 +228,8 @@ def test_kubevirt_domains_carry_namespace_and_name_when_asked():
     d = a_host()
     d.add_vm(7, 4747, "prod_db-7")
     off = {lab["vm"]: lab for lab, _ in samples(parsed(d), "qtrace_vm_info")}
-    assert "namespace" not in off["prod_db-7"] and "name" not in off["prod_db-7"]
+    assert off["prod_db-7"]["namespace"] == off["prod_db-7"]["name"] == ""  # no label
     d.kubevirt_names = True
     on = {lab["vm"]: lab for lab, _ in samples(parsed(d), "qtrace_vm_info")}
     assert (on["prod_db-7"]["namespace"], on["prod_db-7"]["name"]) == ("prod", "db-7")
-    assert "namespace" not in on["web"]
+    assert on["web"]["namespace"] == on["web"]["name"] == ""

@@ -99,7 +99,7 @@ def test_a_proc_root_that_is_no_proc_is_one_clear_line(tmp_path, where, message)
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines() == [
-        f"qprobe: config error: proc_root = {where!r}: {message}" +
+        f"qprobe: config error: config: proc_root = {where!r}: {message}" +
         ("" if message == "no such directory" else
          ": mount the host's /proc there (e.g. -v /proc:/host/proc:ro) or leave it at /proc")]
     assert load_config(None, proc_root="/proc/").proc_root == "/proc/"
