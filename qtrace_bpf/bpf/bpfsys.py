@@ -96,8 +96,18 @@ def pin(fd: int, path: str) -> None:
 
 
 def get_pinned(path: str) -> int | None:
+    """The pinned object's fd; None when nothing is pinned there.  Any other refusal is an
+    error that says why: in a container, bpf() is often what was refused."""
     fd = _lib.bpf_obj_get(path.encode())
-    return fd if fd >= 0 else None
+    if fd >= 0:
+        return fd
+    err = ct.get_errno()
+    if err == errno.ENOENT:
+        return None
+    hint = (" (bpf() refused: CAP_BPF missing, or a seccomp profile that allows bpf() only "
+            "with CAP_SYS_ADMIN, as container runtimes' default profiles may)"
+            if err == errno.EPERM else "")
+    raise QtraceError(f"cannot open the pin {path}: {os.strerror(err)}{hint}")
 
 
 class _ProgInfo(ct.Structure):
