@@ -88,7 +88,7 @@ edit qtrace_bpf/program/loader.py '    if m is None or m.identity != want' '    
 run pins_reused FAILED tests/integration/test_footprint.py -k "matching_pins"
 edit qtrace_bpf/commands/daemon.py '    return soft, max(16, min(configured, soft - FD_RESERVE))' '    return soft, configured'
 run fd_cap FAILED tests/integration/test_footprint.py -k "fd_limit"
-edit qtrace_bpf/program/bcc_compile.py '    return None if st.st_ino == INIT_PIDNS_INO else (st.st_dev, st.st_ino)' '    return None'
+edit qtrace_bpf/procfs.py '    return None if st.st_ino == INIT_PIDNS_INO else (st.st_dev, st.st_ino)' '    return None'
 run pidns FAILED tests/integration/test_pid_namespace.py -k "counts_its_vms"
 edit debian/qtrace.prerm '    /usr/bin/qprobe cleanup --config /etc/qtrace/qtrace.toml >/dev/null 2>&1 || \' '    true || \'
 edit debian/qtrace.prerm '        /usr/bin/qprobe cleanup >/dev/null 2>&1 || true' '        true'
