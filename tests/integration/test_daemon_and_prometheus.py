@@ -8,8 +8,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from support import QPROBE, ROOT
 from support.caps import check_kvm, require
 from support.kernel_state import added, bpf_state, wait_settled
 from support.processes import popen
+from support.prometheus import RULES, Prometheus
 from support.qemu import call_ioctl_inside, host_tsc_khz, upstream_qemu, vcpu_fd
 from support.qprobe import DaemonProcess, daemon_toml
 from support.strace_count import count_state_writes, strace_argv
@@ -26,7 +25,6 @@ from support.web import free_port, http_get, make_cert, samples, scrape
 from qtrace_bpf.commands.demo_vm import DemoQemu
 
 pytestmark = [pytest.mark.bpf, pytest.mark.kvm]
-RULES = ROOT / "exporters" / "prometheus" / "qtrace-alerts.yml"
 DASHBOARD = ROOT / "exporters" / "grafana" / "qtrace-dashboard.json"
 GRACE = 6.0
 HOSTILE = "evil\"quote\\back\nnew,,line{}=" + "x" * 10_000 + os.fsdecode(b"\xff\xfe")
@@ -42,51 +40,6 @@ class Daemon(DaemonProcess):
         extra: dict[str, object] = {"qemu_binaries": [QEMU_GLOB, *binaries]} if binaries else {}
         cfg.write_text(daemon_toml(port, grace_period=GRACE, rescan_interval=2, **extra))
         super().__init__(cfg, port)
-
-
-class Prometheus:
-    def __init__(self, tmp: Path, target_port: int, **scrape: object):
-        """scrape: more of the scrape config (scheme, tls_config, basic_auth)."""
-        exe = shutil.which("prometheus")
-        require("prometheus", exe is not None, "apt-get install prometheus")
-        self.port = free_port()
-        self.api = f"http://127.0.0.1:{self.port}/api/v1"
-        conf = tmp / "prometheus.yml"
-        conf.write_text(json.dumps({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "qtrace", "static_configs": [
-                {"targets": [f"127.0.0.1:{target_port}"]}], **scrape}],
-        }))
-        self.proc = popen(
-            [exe, f"--config.file={conf}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                http_get(f"http://127.0.0.1:{self.port}/-/ready", 2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "prometheus did not start"
-                assert self.proc.poll() is None, "prometheus exited"
-                time.sleep(0.3)
-
-    def firing(self, alert: str) -> list[dict]:
-        data = json.loads(http_get(f"{self.api}/alerts"))["data"]["alerts"]
-        return [a["labels"] for a in data
-                if a["labels"].get("alertname") == alert and a["state"] == "firing"]
-
-    def query(self, expr: str) -> list[dict]:
-        q = urllib.parse.urlencode({"query": expr})
-        return json.loads(http_get(f"{self.api}/query?{q}"))["data"]["result"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def qmp_resets(vm: DemoQemu) -> Counter:
@@ -110,7 +63,7 @@ def fleet(tmp_path_factory):
 
     already = len(running_qemus())  # other QEMUs on this host: found by scan, late
     daemon = Daemon(tmp, binaries=(str(up10),))
-    prom = Prometheus(tmp, daemon.port)
+    prom = Prometheus(tmp, [daemon.port])
     vms: dict[str, DemoQemu] = {}
     try:
         vms["loop-vm"] = DemoQemu("loop-vm", paused=False, extra=["-boot", "reboot-timeout=500"],
@@ -383,7 +336,7 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(bpf_caps, tmp_path):
                  cwd=ROOT, stderr=subprocess.PIPE, text=True)
     prom = None
     try:
-        prom = Prometheus(tmp_path, port, scheme="https",
+        prom = Prometheus(tmp_path, [port], scheme="https",
                           tls_config={"ca_file": str(crt)},
                           basic_auth={"username": "prom", "password": "s3cret"})
         deadline = time.monotonic() + 60
@@ -392,7 +345,7 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(bpf_caps, tmp_path):
             assert proc.poll() is None
             time.sleep(0.5)
         (tmp_path / "bad").mkdir()
-        bad = Prometheus(tmp_path / "bad", port, scheme="https",
+        bad = Prometheus(tmp_path / "bad", [port], scheme="https",
                          tls_config={"ca_file": str(crt)},
                          basic_auth={"username": "prom", "password": "wrong"})
         try:
