@@ -16,7 +16,7 @@ from support import ROOT, caps
 from support.caps import check_bpf, check_kvm, check_root, require
 from support.elf_fixtures import build_all
 from support.kernel_state import bpf_state, wait_settled
-from support.processes import kill_stray_test_processes
+from support.processes import kill_stray_test_processes, remove_stray_pods
 from support.qemu import QEMU_BUILDS, upstream_qemu
 from support.qprobe import remove_test_pins
 
@@ -55,6 +55,8 @@ def pytest_runtest_setup(item) -> None:
 def pytest_sessionstart(session) -> None:
     for what in kill_stray_test_processes():
         print(f"conftest: killed a stray process of an earlier run: {what}", file=sys.stderr)
+    for pod in remove_stray_pods(ROOT):
+        print(f"conftest: removed a stray pod of an earlier run: {pod}", file=sys.stderr)
     remove_test_pins()
 
 def pytest_sessionfinish(session, exitstatus) -> None:

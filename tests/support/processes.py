@@ -46,3 +46,20 @@ def kill_stray_test_processes() -> list[str]:
             except OSError:
                 pass
     return killed
+
+
+def remove_stray_pods(root: Path) -> list[str]:
+    """Pods that tests/integration/test_kubernetes_pod.py played (qtrace-PORT) and a killed
+    run left running: their daemon would hold its pins and its port."""
+    import re
+    import shutil
+
+    if shutil.which("podman") is None or os.geteuid() != 0:
+        return []
+    env = {**os.environ, "CONTAINERS_CONF": str(root / "scripts" / "podman.conf")}
+    names = subprocess.run(["podman", "pod", "ls", "--format", "{{.Name}}"], env=env,
+                           capture_output=True, text=True).stdout.split()
+    stray = [n for n in names if re.fullmatch(r"qtrace-\d+", n)]
+    for name in stray:
+        subprocess.run(["podman", "pod", "rm", "-f", name], env=env, capture_output=True)
+    return stray
