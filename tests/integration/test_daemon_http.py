@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from support import QPROBE, ROOT
 from support.caps import check_bpf
-from support.processes import popen
-from support.qprobe import daemon_toml
+from support.qprobe import DaemonProcess, daemon_toml
 from support.web import ACCEPT_OM, free_port, get
 
 from qtrace_bpf import revision
@@ -33,28 +32,13 @@ def test_low_fd_limit_is_named(tmp_path):
     assert "does not compile" not in r.stderr.split("(")[0]
 
 
-class LiveDaemon:
-    def __init__(self, tmp: Path, *args: str, config: str = ""):
-        check_bpf()
-        self.port = free_port()
-        cfg = tmp / f"d{self.port}.toml"
-        cfg.write_text(daemon_toml(self.port) + config)
-        self.proc = popen([*QPROBE, "daemon", "--config", str(cfg), *args], cwd=ROOT,
-                          stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        self.tracing = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "msg=tracing" in line:
-                self.tracing.set()
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(30)
+def live_daemon(tmp: Path, config: str = "") -> DaemonProcess:
+    """A daemon not waited for: what it serves from its first second is the test."""
+    check_bpf()
+    port = free_port()
+    cfg = tmp / f"d{port}.toml"
+    cfg.write_text(daemon_toml(port) + config)
+    return DaemonProcess(cfg, port, wait=False)
 
 
 def status(url: str) -> tuple[int, str]:
@@ -68,7 +52,7 @@ def status(url: str) -> tuple[int, str]:
 def test_metrics_answer_from_the_first_second(tmp_path):
     """Served before the BPF program is even loaded: the self-metrics say what is going on;
     alive (/-/healthy 200) but not ready (/-/ready 503, and why) while it loads."""
-    d = LiveDaemon(tmp_path)
+    d = live_daemon(tmp_path)
     try:
         early = None
         deadline = time.monotonic() + 30
@@ -101,7 +85,7 @@ def test_a_thousand_idle_connections_and_twenty_scrapers(tmp_path):
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
-    d = LiveDaemon(tmp_path, config="max_connections = 2048\n")
+    d = live_daemon(tmp_path, config="max_connections = 2048\n")
     idle: list[socket.socket] = []
     try:
         assert d.tracing.wait(60), "".join(d.log)
