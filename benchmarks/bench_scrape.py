@@ -44,6 +44,7 @@ class FakeDaemon:
         self.binaries = QemuBinaries(self.catalog, lambda plan: None)
         self.tracker = Tracker(prog.maps, self.binaries, max_vms=vms, grace=300)
         self.ready, self.stage, self.http = True, "tracing", None
+        self.kubevirt_names = False
         plan = SimpleNamespace(resolution=SimpleNamespace(qemu_version="7.2.22",
                                                           build_id="d9541fd67c4ea37f"))
         writes = prog.bpf[maps.WRITES.name]
